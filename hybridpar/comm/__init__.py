@@ -1,0 +1,18 @@
+"""Communication: one interface, a torch.distributed and an in-process backend, the byte ledger,
+and the differentiable activation moves built on them."""
+
+from hybridpar.comm.base import Communicator, even_split
+from hybridpar.comm.emulated import EmulatedCommunicator, EmulatedWorld, run_emulated
+from hybridpar.comm.ledger import ByteLedger, Entry
+from hybridpar.comm.torchdist import DistCommunicator
+
+__all__ = [
+    "ByteLedger",
+    "Communicator",
+    "DistCommunicator",
+    "EmulatedCommunicator",
+    "EmulatedWorld",
+    "Entry",
+    "even_split",
+    "run_emulated",
+]

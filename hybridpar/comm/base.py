@@ -1,0 +1,136 @@
+"""The one communication interface every parallel path uses.
+
+A :class:`Communicator` is one worker's handle on its group of ``world_size`` workers. The
+public methods validate their arguments, write the byte ledger, and hand the moving to a
+backend (``_all_gather`` & co.): torch.distributed process groups (:mod:`.torchdist`) or K
+workers emulated in one process (:mod:`.emulated`). The per-worker model code cannot tell them
+apart, and both produce the same ledger.
+
+All operations are plain (non-differentiable) tensor ops; :mod:`hybridpar.comm.regions` wraps
+them in autograd Functions whose forward and backward are mirror images.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from hybridpar.comm.ledger import ByteLedger
+from hybridpar.errors import BatchMismatchError
+
+
+def even_split(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` near-equal contiguous shards of ``n`` (the first ``n % parts`` get one more),
+    the same rule as ``torch.tensor_split``."""
+    q, r = divmod(n, parts)
+    return [q + (1 if i < r else 0) for i in range(parts)]
+
+
+def _numel_without(shape: Sequence[int], dim: int) -> int:
+    m = 1
+    for i, s in enumerate(shape):
+        if i != dim:
+            m *= s
+    return m
+
+
+class Communicator(ABC):
+    """One worker's view of its group. ``sizes`` arguments list every worker's part, in rank order."""
+
+    def __init__(self, rank: int, world_size: int, ledger: ByteLedger | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a group of {world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self.ledger = ledger if ledger is not None else ByteLedger()
+
+    # ---- public, ledgered operations ------------------------------------------------------
+
+    def all_gather(self, x: torch.Tensor, dim: int, sizes: Sequence[int], tag: str = "") -> torch.Tensor:
+        """Concatenate every worker's ``x`` along ``dim``; worker ``j`` contributes ``sizes[j]`` rows."""
+        sizes = self._check_sizes(sizes, x.shape[dim], dim)
+        k, m, e = self.world_size, _numel_without(x.shape, dim), x.element_size()
+        self.ledger.record(
+            "all_gather", tag, (k - 1) * sizes[self.rank] * m * e, (sum(sizes) - sizes[self.rank]) * m * e
+        )
+        return self._all_gather(x, dim, sizes)
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int, sizes: Sequence[int], tag: str = "") -> torch.Tensor:
+        """Sum ``x`` over workers and keep this worker's part along ``dim`` (``sizes[rank]`` rows)."""
+        if sum(sizes) != x.shape[dim]:
+            raise ValueError(f"reduce_scatter: sizes {list(sizes)} do not add up to dim {dim} of {tuple(x.shape)}")
+        sizes = list(sizes)
+        k, m, e = self.world_size, _numel_without(x.shape, dim), x.element_size()
+        self.ledger.record(
+            "reduce_scatter", tag, (sum(sizes) - sizes[self.rank]) * m * e, (k - 1) * sizes[self.rank] * m * e
+        )
+        return self._reduce_scatter(x, dim, sizes)
+
+    def all_to_all(self, chunks: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], tag: str = "") -> list[torch.Tensor]:
+        """Send ``chunks[j]`` to worker ``j``; return what each worker sent here, in rank order."""
+        if len(chunks) != self.world_size or len(recv_shapes) != self.world_size:
+            raise ValueError("all_to_all needs one chunk and one receive shape per worker")
+        e = chunks[0].element_size()
+        sent = sum(c.numel() for j, c in enumerate(chunks) if j != self.rank) * e
+        recv = sum(torch.Size(s).numel() for i, s in enumerate(recv_shapes) if i != self.rank) * e
+        self.ledger.record("all_to_all", tag, sent, recv)
+        return self._all_to_all(list(chunks), [torch.Size(s) for s in recv_shapes])
+
+    def all_reduce(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
+        """Sum over workers (a new tensor). Counted as the bandwidth-optimal reduce-scatter +
+        all-gather over an even split of the elements: ``n + (K-2)·c_rank`` elements each way."""
+        c = even_split(x.numel(), self.world_size)[self.rank]
+        b = (x.numel() + (self.world_size - 2) * c) * x.element_size()
+        self.ledger.record("all_reduce", tag, b, b)
+        return self._all_reduce(x)
+
+    def agree(self, what: str, values: Sequence[int]) -> None:
+        """Check that every worker holds the same small tuple of ints (e.g. its local batch shape).
+
+        Costs one tiny all-gather; every worker raises the same :class:`BatchMismatchError` on a
+        mismatch, so no worker is left waiting in a later collective whose shapes disagree.
+        """
+        t = torch.tensor([len(values), *values], dtype=torch.int64)
+        # A length prefix plus fixed padding keeps the message the same shape on every worker
+        # even when the tuples differ in length.
+        width = 9
+        if t.numel() > width:
+            raise ValueError(f"agree() takes at most {width - 1} values")
+        t = torch.nn.functional.pad(t, (0, width - t.numel()), value=-1)
+        e = t.element_size()
+        self.ledger.record("agree", what, (self.world_size - 1) * width * e, (self.world_size - 1) * width * e)
+        rows = self._gather_ints(t)
+        seen = [tuple(int(v) for v in r[1 : 1 + int(r[0])]) for r in rows]
+        if any(s != seen[0] for s in seen):
+            listing = ", ".join(f"worker {i}: {s}" for i, s in enumerate(seen))
+            raise BatchMismatchError(f"workers disagree on {what} ({listing}); every worker must use the same {what}")
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _check_sizes(self, sizes: Sequence[int], mine: int, dim: int) -> list[int]:
+        sizes = list(sizes)
+        if len(sizes) != self.world_size:
+            raise ValueError(f"need one size per worker ({self.world_size}), got {sizes}")
+        if sizes[self.rank] != mine:
+            raise ValueError(f"worker {self.rank} holds {mine} rows along dim {dim}, but sizes say {sizes[self.rank]}")
+        return sizes
+
+    # ---- backend ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def _all_gather(self, x: torch.Tensor, dim: int, sizes: list[int]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _reduce_scatter(self, x: torch.Tensor, dim: int, sizes: list[int]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _all_to_all(self, chunks: list[torch.Tensor], recv_shapes: list[torch.Size]) -> list[torch.Tensor]: ...
+
+    @abstractmethod
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _gather_ints(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """All workers' copies of a small CPU int64 tensor, in rank order."""

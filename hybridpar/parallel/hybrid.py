@@ -1,0 +1,143 @@
+"""One worker's part of the hybrid model, scheme (a): replicated trunk, sharded head.
+
+One step on K workers with b examples each:
+
+1. every worker runs the replicated trunk on its own b examples;
+2. the features move so that every head shard sees all K·b examples (the head plan decides how);
+3. the head runs on its shards, and each example's logits end on the worker that owns it;
+4. the loss is the mean over the global K·b batch: each worker adds its examples' terms,
+   divided by K·b (:func:`global_mean_loss`);
+5. backward sends each example's feature gradient back to its owner; head shards get exact
+   gradients over all K·b examples without any synchronisation;
+6. each worker's trunk gradient is the part of the global-mean gradient due to its own
+   examples, so the replicas **sum** them (:meth:`HybridModel.sync_gradients`) — not DDP's
+   average, which would be right only for a per-worker mean loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridpar.comm import regions
+from hybridpar.comm.base import Communicator, even_split
+from hybridpar.parallel.data_parallel import allreduce_gradients
+from hybridpar.parallel.head import Move, shard_head
+from hybridpar.parallel.linear import ShardSpec
+from hybridpar.models.split import split_trunk_head
+
+
+class HybridModel(nn.Module):
+    """Built from a full single-device model (same seed on every worker); keeps the trunk whole
+    and this worker's slice of the head. Parameter names are the full model's."""
+
+    def __init__(self, model: nn.Module, comm: Communicator, *, plan: str | Sequence[str] = "min_bytes", seed: int = 0):
+        super().__init__()
+        self.comm = comm
+        self.trunk_names, self.head_name = split_trunk_head(model)
+        # Check the head before touching anything: a bad layer is reported before any collective.
+        head, self.program, self.styles = shard_head(
+            getattr(model, self.head_name), self.head_name, comm.rank, comm.world_size, plan,
+            dropout_seed=seed * 1_000_003 + comm.rank * 10_007,
+        )  # fmt: skip
+        for n in self.trunk_names:
+            self.add_module(n, copy.deepcopy(getattr(model, n)))
+        self.add_module(self.head_name, head)
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of this worker's own examples ``x`` (its local batch)."""
+        # Every worker must bring the same batch shape; checked by all before any activation moves.
+        self.comm.agree("local batch shape", tuple(x.shape))
+        return self.forward_head(self.forward_trunk(x))
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        for n in self.trunk_names:
+            x = getattr(self, n)(x)
+        return torch.flatten(x, 1)
+
+    def forward_head(self, h: torch.Tensor) -> torch.Tensor:
+        head = getattr(self, self.head_name)
+        batch_sizes = [h.shape[0]] * self.comm.world_size
+        for op in self.program:
+            h = head[op](h) if isinstance(op, int) else self._move(op, h, batch_sizes)
+        return h
+
+    def _move(self, op: Move, h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
+        comm, fs = self.comm, even_split(op.width, self.comm.world_size)
+        if op.kind == "gather_batch":
+            return regions.gather_batch(h, comm, batch_sizes, op.tag)
+        if op.kind == "scatter_batch":
+            return regions.scatter_batch(h, comm, batch_sizes, op.tag)
+        if op.kind == "gather_features":
+            return regions.gather_features(h, comm, fs, op.tag)
+        if op.kind == "reduce_scatter_features":
+            return regions.reduce_scatter_features(h, comm, fs, op.tag)
+        if op.kind == "batch_to_features":
+            return regions.batch_to_features(h, comm, batch_sizes, fs, op.tag)
+        if op.kind == "features_to_batch":
+            return regions.features_to_batch(h, comm, batch_sizes, fs, op.tag)
+        raise ValueError(f"unknown move {op.kind!r}")
+
+    def sync_gradients(self) -> None:
+        """Sum the trunk replicas' gradients (see the module docstring for why SUM)."""
+        allreduce_gradients(self.trunk_parameters(), self.comm, tag="trunk_grads")
+
+    # ---- layout ---------------------------------------------------------------------------
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        return [p for n in self.trunk_names for p in getattr(self, n).parameters()]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(getattr(self, self.head_name).parameters())
+
+    def shard_specs(self) -> dict[str, ShardSpec]:
+        """``{full parameter name: how it is cut}``; parameters not listed are replicated."""
+        out = {}
+        for i, m in enumerate(getattr(self, self.head_name)):
+            for pname, spec in getattr(m, "specs", {}).items():
+                out[f"{self.head_name}.{i}.{pname}"] = spec
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-device state_dict (every worker gets it; costs one gather per shard)."""
+        specs, sd = self.shard_specs(), {}
+        for name, t in self.state_dict().items():
+            if name in specs:
+                spec = specs[name]
+                sd[name] = self.comm.all_gather(t.detach().contiguous(), spec.dim, spec.sizes, tag="state_dict")
+            else:
+                sd[name] = t.detach().clone()
+        return sd
+
+    def load_full_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Load a single-device state_dict, keeping this worker's slices."""
+        specs = self.shard_specs()
+        local = {n: (specs[n].take(t, self.comm.rank) if n in specs else t) for n, t in sd.items()}
+        self.load_state_dict(local, strict=True)
+
+
+def global_mean_loss(logits: torch.Tensor, target: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """This worker's share of the cross-entropy averaged over the global batch of K·b examples.
+
+    Summed over workers it is the single-device loss on the concatenated batch; its gradient is
+    this worker's share of the single-device gradient.
+    """
+    return F.cross_entropy(logits, target, reduction="sum") / (logits.shape[0] * comm.world_size)
+
+
+def assemble(shards: Sequence[Mapping[str, torch.Tensor]], specs: Mapping[str, ShardSpec]) -> dict[str, torch.Tensor]:
+    """Re-assemble per-worker tensors (rank order) into single-device ones: sharded entries are
+    concatenated along their dim; replicated entries are taken from worker 0."""
+    out = {}
+    for name in shards[0]:
+        if name in specs:
+            out[name] = torch.cat([s[name] for s in shards], specs[name].dim)
+        else:
+            out[name] = shards[0][name]
+    return out

@@ -1,0 +1,73 @@
+"""Shared test helpers: run a function on K real gloo processes, with a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.multiprocessing as mp
+
+GLOO_TIMEOUT_S = 60  # a collective that waits longer fails instead of hanging
+JOIN_TIMEOUT_S = 180  # the whole group is killed after this
+
+
+def _entry(rank: int, world_size: int, store: str, out_dir: str, fn, args) -> None:
+    import torch.distributed as dist
+
+    from hybridpar.comm import DistCommunicator
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=GLOO_TIMEOUT_S)
+    )
+    try:
+        result = ("ok", fn(DistCommunicator(), *args))
+    except BaseException as exc:  # noqa: BLE001 - shipped to the parent
+        result = ("error", (type(exc).__name__, str(exc), traceback.format_exc()))
+    with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    dist.barrier()  # no rank tears its connections down while a peer still uses them
+    dist.destroy_process_group()
+    # Everything is written and torn down. Skip interpreter teardown: about one exit in 50 here
+    # aborts in a C++ static destructor ("terminate called without an active exception") after
+    # all work is done, which would fail the test for a reason outside hybridpar.
+    os._exit(0)
+
+
+def run_gloo(world_size: int, fn, *args, timeout_s: float = JOIN_TIMEOUT_S) -> list[tuple[str, object]]:
+    """Run ``fn(DistCommunicator(), *args)`` on ``world_size`` spawned gloo processes.
+
+    Returns ``[("ok", result) | ("error", (type name, message, traceback))]`` in rank order.
+    Processes still alive after ``timeout_s`` are killed and the call fails: no hang.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        ctx = mp.start_processes(
+            _entry, args=(world_size, store, tmp, fn, args), nprocs=world_size, join=False, start_method="spawn"
+        )
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise TimeoutError(f"gloo workers did not finish within {timeout_s:.0f} s")
+        out = []
+        for r in range(world_size):
+            with open(os.path.join(tmp, f"{r}.pkl"), "rb") as f:
+                out.append(pickle.load(f))
+        return out
+
+
+def results(outcomes: list[tuple[str, object]]) -> list:
+    """The results of a run in which every worker must have succeeded."""
+    for r, (status, value) in enumerate(outcomes):
+        if status != "ok":
+            raise AssertionError(f"worker {r} failed: {value[2]}")
+    return [v for _, v in outcomes]

@@ -1,0 +1,78 @@
+"""Each communicator primitive against its definition, emulated and over gloo, uneven splits included."""
+
+import pytest
+import torch
+
+from hybridpar.comm import run_emulated
+from tests.helpers import results, run_gloo
+
+
+def _data(rank, shape):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(*shape, generator=g)
+
+
+def _primitives(comm):
+    k, r = comm.world_size, comm.rank
+    sizes = [3 + i for i in range(k)]  # uneven on purpose
+    even = [2] * k
+    out = {}
+    out["ag0"] = comm.all_gather(_data(r, (sizes[r], 4)), 0, sizes)
+    out["ag1"] = comm.all_gather(_data(r, (4, sizes[r])), 1, sizes)
+    out["ag0_even"] = comm.all_gather(_data(r, (2, 5)), 0, even)
+    out["rs0"] = comm.reduce_scatter(_data(r, (sum(sizes), 2)), 0, sizes)
+    out["rs1"] = comm.reduce_scatter(_data(r, (2, sum(sizes))), 1, sizes)
+    out["rs1_even"] = comm.reduce_scatter(_data(r, (3, 2 * k)), 1, even)
+    out["ar"] = comm.all_reduce(_data(r, (7,)))
+    chunks = [torch.full((j + 1, r + 1), float(10 * r + j)) for j in range(k)]
+    out["a2a"] = comm.all_to_all(chunks, [torch.Size((r + 1, i + 1)) for i in range(k)])
+    return out
+
+
+def _expected(k, r):
+    sizes = [3 + i for i in range(k)]
+    lo = sum(sizes[:r])
+    total = lambda shape: sum(_data(i, shape) for i in range(k))  # noqa: E731
+    return {
+        "ag0": torch.cat([_data(i, (sizes[i], 4)) for i in range(k)], 0),
+        "ag1": torch.cat([_data(i, (4, sizes[i])) for i in range(k)], 1),
+        "ag0_even": torch.cat([_data(i, (2, 5)) for i in range(k)], 0),
+        "rs0": total((sum(sizes), 2))[lo : lo + sizes[r]],
+        "rs1": total((2, sum(sizes)))[:, lo : lo + sizes[r]],
+        "rs1_even": total((3, 2 * k))[:, 2 * r : 2 * r + 2],
+        "ar": total((7,)),
+        "a2a": [torch.full((r + 1, i + 1), float(10 * i + r)) for i in range(k)],
+    }
+
+
+def _check(outs):
+    k = len(outs)
+    for r, got in enumerate(outs):
+        exp = _expected(k, r)
+        for name in exp:
+            if name == "a2a":
+                assert [t.shape for t in got[name]] == [t.shape for t in exp[name]]
+                for a, b in zip(got[name], exp[name]):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(got[name], exp[name], rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_emulated_primitives(K):
+    _check(run_emulated(K, _primitives))
+
+
+@pytest.mark.timeout(120)
+def test_gloo_primitives():
+    _check(results(run_gloo(3, _primitives)))
+
+
+def test_a_failing_emulated_worker_releases_its_peers():
+    def work(comm):
+        if comm.rank == 1:
+            raise RuntimeError("worker 1 broke")
+        comm.all_reduce(torch.ones(3))  # would wait forever for worker 1 without the abort
+
+    with pytest.raises(RuntimeError, match="worker 1 broke"):
+        run_emulated(3, work, timeout_s=30)

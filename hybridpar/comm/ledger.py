@@ -40,15 +40,16 @@ class ByteLedger:
 
     def by_kind(self) -> dict[str, tuple[int, int]]:
         """``{kind: (sent, received)}`` summed over the entries."""
-        out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for e in self.entries:
-            out[e.kind][0] += e.sent
-            out[e.kind][1] += e.received
-        return {k: (s, r) for k, (s, r) in out.items()}
+        return self._totals("kind")
 
     def by_tag(self) -> dict[str, tuple[int, int]]:
+        """``{tag: (sent, received)}`` summed over the entries."""
+        return self._totals("tag")
+
+    def _totals(self, field_name: str) -> dict[str, tuple[int, int]]:
         out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for e in self.entries:
-            out[e.tag][0] += e.sent
-            out[e.tag][1] += e.received
+            key = getattr(e, field_name)
+            out[key][0] += e.sent
+            out[key][1] += e.received
         return {k: (s, r) for k, (s, r) in out.items()}

@@ -15,3 +15,7 @@ class BatchMismatchError(HybridparError):
 
 class PeerAbortedError(HybridparError):
     """Another emulated worker failed, so this one stopped waiting for it."""
+
+
+class ConfigError(HybridparError):
+    """A configuration value that cannot work."""

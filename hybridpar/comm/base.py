@@ -12,6 +12,7 @@ them in autograd Functions whose forward and backward are mirror images.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -55,7 +56,7 @@ class Communicator(ABC):
         self.ledger.record(
             "all_gather", tag, (k - 1) * sizes[self.rank] * m * e, (sum(sizes) - sizes[self.rank]) * m * e
         )
-        return self._all_gather(x, dim, sizes)
+        return self._timed(self._all_gather, x, dim, sizes)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int, sizes: Sequence[int], tag: str = "") -> torch.Tensor:
         """Sum ``x`` over workers and keep this worker's part along ``dim`` (``sizes[rank]`` rows)."""
@@ -66,7 +67,7 @@ class Communicator(ABC):
         self.ledger.record(
             "reduce_scatter", tag, (sum(sizes) - sizes[self.rank]) * m * e, (k - 1) * sizes[self.rank] * m * e
         )
-        return self._reduce_scatter(x, dim, sizes)
+        return self._timed(self._reduce_scatter, x, dim, sizes)
 
     def all_to_all(self, chunks: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], tag: str = "") -> list[torch.Tensor]:
         """Send ``chunks[j]`` to worker ``j``; return what each worker sent here, in rank order."""
@@ -76,15 +77,19 @@ class Communicator(ABC):
         sent = sum(c.numel() for j, c in enumerate(chunks) if j != self.rank) * e
         recv = sum(torch.Size(s).numel() for i, s in enumerate(recv_shapes) if i != self.rank) * e
         self.ledger.record("all_to_all", tag, sent, recv)
-        return self._all_to_all(list(chunks), [torch.Size(s) for s in recv_shapes])
+        return self._timed(self._all_to_all, list(chunks), [torch.Size(s) for s in recv_shapes])
 
     def all_reduce(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
         """Sum over workers (a new tensor). Counted as the bandwidth-optimal reduce-scatter +
         all-gather over an even split of the elements: ``n + (K-2)·c_rank`` elements each way."""
-        c = even_split(x.numel(), self.world_size)[self.rank]
-        b = (x.numel() + (self.world_size - 2) * c) * x.element_size()
+        self.count_all_reduce(x.numel(), x.element_size(), tag)
+        return self._timed(self._all_reduce, x)
+
+    def count_all_reduce(self, numel: int, itemsize: int, tag: str) -> None:
+        """Ledger entry of an all-reduce issued elsewhere (e.g. by a DDP communication hook)."""
+        c = even_split(numel, self.world_size)[self.rank]
+        b = (numel + (self.world_size - 2) * c) * itemsize
         self.ledger.record("all_reduce", tag, b, b)
-        return self._all_reduce(x)
 
     def agree(self, what: str, values: Sequence[int]) -> None:
         """Check that every worker holds the same small tuple of ints (e.g. its local batch shape).
@@ -101,13 +106,31 @@ class Communicator(ABC):
         t = torch.nn.functional.pad(t, (0, width - t.numel()), value=-1)
         e = t.element_size()
         self.ledger.record("agree", what, (self.world_size - 1) * width * e, (self.world_size - 1) * width * e)
-        rows = self._gather_ints(t)
+        rows = self._timed(self._gather_ints, t)
         seen = [tuple(int(v) for v in r[1 : 1 + int(r[0])]) for r in rows]
         if any(s != seen[0] for s in seen):
             listing = ", ".join(f"worker {i}: {s}" for i, s in enumerate(seen))
             raise BatchMismatchError(f"workers disagree on {what} ({listing}); every worker must use the same {what}")
 
+    def gather_objects(self, obj: object) -> list:
+        """Every worker's picklable ``obj``, in rank order (setup-time control messages, e.g. errors).
+
+        Counted in the ledger as kind ``objects`` with the pickled size.
+        """
+        import pickle
+
+        n = len(pickle.dumps(obj))
+        self.ledger.record("objects", "control", (self.world_size - 1) * n, 0)
+        return self._timed(self._gather_objects, obj)
+
     # ---- helpers -------------------------------------------------------------------------
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.ledger.seconds += time.perf_counter() - t0
 
     def _check_sizes(self, sizes: Sequence[int], mine: int, dim: int) -> list[int]:
         sizes = list(sizes)
@@ -130,6 +153,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _gather_objects(self, obj: object) -> list: ...
 
     @abstractmethod
     def _gather_ints(self, t: torch.Tensor) -> list[torch.Tensor]:

@@ -87,6 +87,9 @@ class EmulatedCommunicator(Communicator):
     def _all_reduce(self, x):
         return self.world.exchange(self.rank, x, _sum)
 
+    def _gather_objects(self, obj):
+        return self.world.exchange(self.rank, obj, list)
+
     def _gather_ints(self, t):
         return self.world.exchange(self.rank, t, lambda ts: [u.clone() for u in ts])
 

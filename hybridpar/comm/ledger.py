@@ -23,12 +23,14 @@ class Entry:
 @dataclass
 class ByteLedger:
     entries: list[Entry] = field(default_factory=list)
+    seconds: float = 0.0  # wall time spent waiting in collectives since the last reset
 
     def record(self, kind: str, tag: str, sent: int, received: int) -> None:
         self.entries.append(Entry(kind, tag, int(sent), int(received)))
 
     def reset(self) -> None:
         self.entries.clear()
+        self.seconds = 0.0
 
     @property
     def sent(self) -> int:

@@ -56,6 +56,11 @@ class DistCommunicator(Communicator):
         dist.all_reduce(y, group=self.group)
         return y
 
+    def _gather_objects(self, obj):
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def _gather_ints(self, t):
         # Metadata travels on the tensors' own device (NCCL needs CUDA tensors).
         dev = _group_device(self.group)

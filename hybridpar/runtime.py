@@ -1,0 +1,81 @@
+"""Where and how the workers run: torchrun processes or K emulated workers in one process.
+
+Chooses the device and backend (CUDA + NCCL when GPUs are visible, else CPU + gloo), sets the
+threads per worker, starts the process group with a timeout, and runs one per-worker function
+the same way in both modes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hybridpar.comm import Communicator, DistCommunicator, run_emulated
+from hybridpar.errors import HybridparError
+
+
+class LaunchError(HybridparError):
+    """The launch itself is inconsistent (e.g. emulation requested under torchrun)."""
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_launch(emulate: int) -> None:
+    if not isinstance(emulate, int) or emulate < 1:
+        raise LaunchError(f"parallel.emulate must be a positive integer, got {emulate!r}")
+    if under_torchrun() and emulate != 1:
+        raise LaunchError(
+            f"parallel.emulate={emulate} runs {emulate} workers inside one process; under torchrun "
+            f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')}) each process is already one worker: drop parallel.emulate"
+        )
+
+
+def _threads_per_worker(workers_on_this_host: int) -> int:
+    explicit = os.environ.get("OMP_NUM_THREADS")
+    # torchrun sets OMP_NUM_THREADS=1 when the user did not; with few workers on a CPU host,
+    # give each its share of the cores instead.
+    if explicit and explicit != "1":
+        return int(explicit)
+    return max(1, (os.cpu_count() or 1) // max(1, workers_on_this_host))
+
+
+def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int, timeout_s: float) -> Any:
+    """Run ``fn(comm, device)`` on every worker; return rank 0's result (others return None)."""
+    check_launch(emulate)
+    if under_torchrun():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+            torch.set_num_threads(_threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            result = fn(DistCommunicator(), device)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        return result if dist_rank_was_zero() else None
+    # Emulated workers share this process's cores and its intra-op thread pool; one GPU would
+    # serialise them anyway, so emulation runs on the CPU (K = 1 may use a GPU).
+    device = torch.device("cuda", 0) if emulate == 1 and torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(_threads_per_worker(1))
+    return run_emulated(emulate, fn, device, timeout_s=timeout_s)[0]
+
+
+def dist_rank_was_zero() -> bool:
+    return env_rank() == 0

@@ -1,0 +1,94 @@
+"""Entry point: ``torchrun --nproc_per_node=N -m hybridpar.train [overrides]`` or, with K emulated
+workers in one process, ``python -m hybridpar.train parallel.emulate=K``.
+
+Every rank runs this; only rank 0 writes the config, logs, metrics and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from hybridpar import runtime
+from hybridpar.errors import HybridparError
+from hybridpar.rundir import register_resolvers
+
+# The configs ship inside the package (mapped from the repository's conf/), so an installed
+# wheel or a Docker image finds them too.
+CONF_DIR = str(files("hybridpar.conf"))
+register_resolvers()
+
+
+def _logging(run_dir: Path, rank0: bool) -> None:
+    logger = logging.getLogger("hybridpar")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if rank0 else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("[hybridpar] %(message)s"))
+    logger.addHandler(console)
+    if rank0:
+        f = logging.FileHandler(run_dir / "train.log")
+        f.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(f)
+
+
+def _summary_text(s: dict) -> str:
+    return (
+        f"scheme {s['scheme']} on {s['world_size']} worker(s) ({'emulated' if s['emulated'] else 'torch.distributed'}, "
+        f"{s['device']}, {s['precision']}): {s['steps']} steps, {s['epochs']:.2f} epochs\n"
+        f"held-out top-1 {s['val_top1']:.4f}  top-5 {s['val_top5']:.4f}  train loss {s['train_loss']:.4f}\n"
+        f"{s['images_per_s']:.1f} images/s; per step {s['step_s'] * 1e3:.1f} ms "
+        f"(compute {s['compute_s_per_step'] * 1e3:.1f} ms, communication {s['comm_s_per_step'] * 1e3:.1f} ms), "
+        f"{s['comm_bytes_per_step'] / 1e6:.3f} MB sent per worker; wall {s['wall_s']:.1f} s"
+    )
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+@record
+def main(cfg: DictConfig) -> None:
+    import time
+
+    from hybridpar.trainer import train, validate
+
+    t0 = time.perf_counter()
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    rank0 = runtime.env_rank() == 0
+    _logging(run_dir, rank0)
+    try:
+        validate(cfg)
+        runtime.check_launch(cfg.parallel.emulate)
+        if cfg.trainer.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            import torch
+
+            torch.use_deterministic_algorithms(True)
+        summary = runtime.run_workers(
+            lambda comm, device: train(comm, device, cfg, run_dir),
+            emulate=cfg.parallel.emulate, timeout_s=cfg.parallel.timeout_s,
+        )  # fmt: skip
+    except HybridparError as exc:
+        # One line, from rank 0 only, and a non-zero exit: no traceback wall from every rank.
+        if rank0:
+            print(f"hybridpar: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if rank0 and summary is not None:
+        summary["wall_s"] = time.perf_counter() - t0
+        summary["run_dir"] = str(run_dir)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        print(_summary_text(summary), flush=True)
+        print(f"run directory: {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The training loop one worker runs, the same under torchrun and in emulation.
+
+Read it top to bottom: set up (data, model, optimiser; any error agreed by all workers before
+the first collective), then the steps, each one ``forward → loss → backward → sync → update``,
+with evaluation on the held-out set at the end of every epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from hybridpar.comm import Communicator, DistCommunicator
+from hybridpar.data import build_datasets, eval_batches, train_loader
+from hybridpar.errors import ConfigError, HybridparError
+from hybridpar.models import build_model
+from hybridpar.models.split import split_trunk_head
+from hybridpar.optim import Schedule, learning_rates, sgd
+from hybridpar.parallel import HybridModel, global_mean_loss
+from hybridpar.parallel.data_parallel import allreduce_gradients, ledger_allreduce_hook
+
+log = logging.getLogger("hybridpar")
+
+SCHEMES = ("a", "ddp")
+PRECISIONS = ("fp32", "bf16")
+
+
+class SetupFailed(HybridparError):
+    """Another worker could not set up; this one stops with it."""
+
+
+@dataclass
+class Setup:
+    model: nn.Module  # what forward() is called on (HybridModel, DDP, or the replicated model)
+    plain: nn.Module  # the module without a DDP wrapper (for evaluation)
+    optimizer: torch.optim.Optimizer
+    local_batch: int
+    loader: torch.utils.data.DataLoader
+    val: torch.utils.data.Dataset
+    num_classes: int
+
+
+@dataclass
+class Meter:
+    """Per-step timings and bytes of this worker; medians go into the summary."""
+
+    step_s: list[float] = field(default_factory=list)
+    comm_s: list[float] = field(default_factory=list)
+    comm_bytes: list[int] = field(default_factory=list)
+    train_s: float = 0.0
+    images: int = 0
+
+    def median(self, name: str) -> float:
+        xs = getattr(self, name)
+        return float(statistics.median(xs)) if xs else 0.0
+
+
+def local_batch_size(data_cfg: DictConfig, world_size: int) -> int:
+    b, g = data_cfg.get("batch_size"), data_cfg.get("global_batch")
+    if g is not None:
+        if not isinstance(g, int) or g < 1 or g % world_size:
+            raise ConfigError(f"data.global_batch={g} cannot be split evenly over {world_size} workers")
+        return g // world_size
+    if not isinstance(b, int) or b < 1:
+        raise ConfigError(f"data.batch_size must be a positive integer (images per worker), got {b!r}")
+    return b
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need no data and no other worker: run on every rank before anything else."""
+    if cfg.parallel.scheme not in SCHEMES:
+        raise ConfigError(f"parallel.scheme={cfg.parallel.scheme!r} is not one of {', '.join(SCHEMES)}")
+    if cfg.trainer.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.trainer.max_steps is None and not (isinstance(cfg.trainer.epochs, int) and cfg.trainer.epochs >= 1):
+        raise ConfigError(f"trainer.epochs must be a positive integer, got {cfg.trainer.epochs!r}")
+    if cfg.trainer.max_steps is not None and not (isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps >= 1):
+        raise ConfigError(f"trainer.max_steps must be a positive integer or null, got {cfg.trainer.max_steps!r}")
+
+
+def _agreed(comm: Communicator, fn):
+    """Run ``fn()`` on every worker; if any worker fails with a HybridparError, all of them raise.
+
+    Setup can fail on one rank only (a missing file on one node): without this, its peers would
+    wait in their first collective until the timeout.
+    """
+    try:
+        result, failure = fn(), None
+    except HybridparError as exc:
+        result, failure = None, exc
+    errors = comm.gather_objects(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    first = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
+    if first is not None:
+        raise SetupFailed(f"worker {first[0]}: {first[1]}")
+    return result
+
+
+def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
+    K = comm.world_size
+    b = local_batch_size(cfg.data, K)
+    data = build_datasets(cfg.data)
+    full = build_model(cfg.model, data.num_classes, data.in_channels, cfg.seed)
+    trunk_names, _ = split_trunk_head(full)
+
+    if cfg.parallel.scheme == "a":
+        model = HybridModel(full, comm, plan=_plan(cfg.parallel.plan), seed=cfg.seed).to(device)
+        plain = model
+    else:
+        plain = full.to(device)
+        model = plain
+        if isinstance(comm, DistCommunicator) and K > 1:
+            model = nn.parallel.DistributedDataParallel(
+                plain, device_ids=[device] if device.type == "cuda" else None, process_group=comm.group
+            )
+            model.register_comm_hook(comm, ledger_allreduce_hook)
+    groups = [
+        {"name": "conv", "params": [p for n, p in plain.named_parameters() if n.split(".")[0] in trunk_names]},
+        {"name": "fc", "params": [p for n, p in plain.named_parameters() if n.split(".")[0] not in trunk_names]},
+    ]
+    optimizer = sgd(groups, cfg.optim)
+    loader = train_loader(
+        data.train, local_batch=b, rank=comm.rank, world_size=K, seed=cfg.seed,
+        num_workers=cfg.data.get("num_workers", 0), pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    return Setup(model, plain, optimizer, b, loader, data.val, data.num_classes)
+
+
+def _plan(plan: Any) -> Any:
+    return tuple(plan) if OmegaConf.is_list(plan) or isinstance(plan, list | tuple) else plan
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup) -> dict[str, float]:
+    """Exact held-out loss, top-1 and top-5 over every held-out example once."""
+    s.plain.eval()
+    k5 = min(5, s.num_classes)
+    totals = torch.zeros(4, dtype=torch.float64)
+    with torch.no_grad(), _autocast(device, cfg.trainer.precision):
+        for x, y, valid in eval_batches(
+            s.val, local_batch=s.local_batch, rank=comm.rank, world_size=comm.world_size,
+            num_workers=cfg.data.get("num_workers", 0),
+        ):  # fmt: skip
+            x, y, valid = x.to(device), y.to(device), valid.to(device)
+            logits = s.plain(x).float()
+            ce = F.cross_entropy(logits, y, reduction="none")
+            top = logits.topk(k5, dim=1).indices
+            hit1 = top[:, 0] == y
+            hit5 = (top == y[:, None]).any(dim=1)
+            totals += torch.stack([ce[valid].sum(), hit1[valid].sum(), hit5[valid].sum(), valid.sum()]).double().cpu()
+    totals = comm.all_reduce(totals, tag="metrics") if comm.world_size > 1 else totals
+    loss, top1, top5, n = totals.tolist()
+    s.plain.train()
+    return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": top5 / n, "val_examples": int(n)}
+
+
+def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    rank0 = comm.rank == 0
+    K = comm.world_size
+    if isinstance(comm, DistCommunicator):
+        # torch's global generator draws DDP's dropout masks; one stream per rank. (The hybrid
+        # draws from per-worker generators and needs none; emulated workers share this one.)
+        torch.manual_seed(cfg.seed * 1_000_003 + comm.rank)
+    s = _agreed(comm, lambda: setup(comm, device, cfg))
+    steps_per_epoch = len(s.loader)
+    total = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
+    schedule = Schedule(s.optimizer, cfg.optim, steps_per_epoch, total)
+    hybrid = cfg.parallel.scheme == "a"
+    emulated_ddp = not hybrid and not isinstance(s.model, nn.parallel.DistributedDataParallel) and K > 1
+
+    run = _wandb_run(cfg, run_dir) if rank0 else None
+    bar = _progress(cfg, total) if rank0 else None
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if rank0 else None
+    meter = Meter()
+    loss_sum, loss_n, train_loss, last_val = 0.0, 0, float("nan"), {}
+    step, epoch = 0, 0
+    log.info("world size %d (%s), scheme %s, %d images per worker, %d steps per epoch, %d steps",
+             K, "emulated" if not isinstance(comm, DistCommunicator) else "torch.distributed",
+             cfg.parallel.scheme, s.local_batch, steps_per_epoch, total)  # fmt: skip
+
+    def emit(record: dict[str, Any]) -> None:
+        if not rank0:
+            return
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if run is not None:
+            run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    try:
+        while step < total:
+            s.loader.sampler.set_epoch(epoch)
+            for x, y in s.loader:
+                comm.ledger.reset()
+                t0 = time.perf_counter()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with _autocast(device, cfg.trainer.precision):
+                    logits = s.model(x)
+                # The hybrid's loss is this worker's share of the global-batch mean (its trunk
+                # gradients are then summed); DDP's is the local mean (its gradients averaged).
+                loss = global_mean_loss(logits.float(), y, comm) if hybrid else F.cross_entropy(logits.float(), y)
+                s.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if hybrid:
+                    s.model.sync_gradients()
+                elif emulated_ddp:
+                    _average_gradients(s.plain, comm)
+                s.optimizer.step()
+                schedule.after_step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                meter.step_s.append(dt)
+                meter.comm_s.append(comm.ledger.seconds)
+                meter.comm_bytes.append(comm.ledger.sent)
+                meter.train_s += dt
+                meter.images += x.shape[0] * K
+                loss_sum += loss.item()
+                loss_n += 1
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+
+                if step % cfg.trainer.log_every_steps == 0 or step == total:
+                    train_loss = _global_mean(comm, loss_sum, loss_n, hybrid)
+                    loss_sum, loss_n = 0.0, 0
+                    record = {
+                        "step": step, "epoch": epoch, "train/loss": train_loss,
+                        "perf/step_s": dt, "perf/comm_s": meter.comm_s[-1],
+                        "perf/compute_s": max(0.0, dt - meter.comm_s[-1]),
+                        "perf/images_per_s": x.shape[0] * K / dt, "perf/comm_bytes": meter.comm_bytes[-1],
+                    }  # fmt: skip
+                    record |= {f"lr/{name}": lr for name, lr in learning_rates(s.optimizer).items()}
+                    emit(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
+                every = cfg.trainer.eval_every_steps
+                epoch_end = step % steps_per_epoch == 0
+                if (every and step % every == 0) or epoch_end or step == total:
+                    last_val = evaluate(comm, device, cfg, s)
+                    schedule.after_eval(last_val)
+                    emit({"step": step, "epoch": epoch, **{f"val/{k[4:]}": v for k, v in last_val.items()}})
+                    log.info("step %d epoch %d: train loss %.4f, held-out top-1 %.4f top-5 %.4f",
+                             step, epoch, train_loss, last_val["val_top1"], last_val["val_top5"])  # fmt: skip
+                if step >= total:
+                    break
+            epoch += 1
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    summary = {
+        "val_top1": last_val.get("val_top1"), "val_top5": last_val.get("val_top5"),
+        "val_loss": last_val.get("val_loss"), "train_loss": train_loss, "steps": step,
+        "epochs": step / steps_per_epoch, "world_size": K, "scheme": cfg.parallel.scheme,
+        "emulated": not isinstance(comm, DistCommunicator), "device": str(device),
+        "precision": cfg.trainer.precision, "local_batch": s.local_batch, "global_batch": s.local_batch * K,
+        "images_per_s": meter.images / meter.train_s if meter.train_s else 0.0,
+        "step_s": meter.median("step_s"), "comm_s_per_step": meter.median("comm_s"),
+        "compute_s_per_step": max(0.0, meter.median("step_s") - meter.median("comm_s")),
+        "comm_bytes_per_step": int(meter.median("comm_bytes")),
+        "lr": learning_rates(s.optimizer),
+    }  # fmt: skip
+    if run is not None:
+        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+        run.finish()
+    return summary if rank0 else None
+
+
+def _average_gradients(model: nn.Module, comm: Communicator) -> None:
+    # DDP's semantics for emulated workers: the mean of the replicas' gradients.
+    params = [p for p in model.parameters() if p.requires_grad]
+    allreduce_gradients(params, comm, tag="ddp_grads")
+    for p in params:
+        p.grad.div_(comm.world_size)
+
+
+def _global_mean(comm: Communicator, loss_sum: float, n: int, hybrid: bool) -> float:
+    """The training loss over the global batch, averaged over the last ``n`` steps."""
+    t = torch.tensor([loss_sum], dtype=torch.float64)
+    if comm.world_size > 1:
+        t = comm.all_reduce(t, tag="metrics")
+    # Hybrid workers hold shares that add up to the global mean; DDP workers hold local means.
+    total = t.item() if hybrid else t.item() / comm.world_size
+    return total / max(1, n)
+
+
+def _wandb_run(cfg: DictConfig, run_dir: Path):
+    if cfg.logger.name != "wandb":
+        return None
+    import wandb
+
+    from hybridpar.rundir import sweep_group
+
+    return wandb.init(
+        project=cfg.logger.project, dir=str(run_dir), mode=cfg.logger.mode, name=run_dir.name,
+        group=sweep_group(run_dir), job_type=f"scheme-{cfg.parallel.scheme}",
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )  # fmt: skip
+
+
+def _progress(cfg: DictConfig, total: int):
+    if not cfg.trainer.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, leave=False)

@@ -1,0 +1,188 @@
+"""The training application end to end: torchrun and emulated runs, the run directory, W&B
+offline files, Hydra multirun, and bad input (one error line, non-zero exit, no hang)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridpar.models import alexnet_small
+from hybridpar.parallel.cost import hybrid_step_bytes
+from hybridpar.parallel.head import choose_styles
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TRAIN = ["-m", "hybridpar.train"]
+
+
+def _run(cmd, tmp_path, timeout=240, **env):
+    environ = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.run(cmd, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_dir(proc) -> Path:
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run directory: "), proc.stdout[-2000:] + proc.stderr[-2000:]
+    return Path(last.removeprefix("run directory: "))
+
+
+def _small_model_bytes(b: int, K: int) -> int:
+    m = alexnet_small(10, in_channels=1, channels=(32, 64, 96, 64, 64), hidden=512)
+    widths = [(x.in_features, x.out_features) for x in m.classifier if isinstance(x, torch.nn.Linear)]
+    trunk = sum(p.numel() for p in m.features.parameters())
+    return hybrid_step_bytes(widths, choose_styles(widths, K), trunk, b, K, rank=0)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_two_gloo_ranks_end_to_end(tmp_path):
+    proc = _run(
+        [*TORCHRUN, *TRAIN, "trainer.max_steps=6", "trainer.log_every_steps=3", f"output_root={tmp_path}/runs"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = _run_dir(proc)
+    # One directory for the launch, shared by both ranks; only rank 0 wrote into it.
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("val_top1", "val_top5", "train_loss", "steps", "epochs", "world_size", "scheme",
+                "images_per_s", "comm_bytes_per_step", "wall_s"):  # fmt: skip
+        assert key in summary, key
+    assert summary["world_size"] == 2 and summary["scheme"] == "a" and summary["steps"] == 6
+    assert not summary["emulated"]
+    assert 0.0 <= summary["val_top1"] <= summary["val_top5"] <= 1.0
+    assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
+    assert summary["comm_bytes_per_step"] == _small_model_bytes(32, 2)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [3, 6]
+    assert {"lr/conv", "lr/fc", "perf/comm_s", "perf/compute_s", "perf/comm_bytes"} <= set(records[0])
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "train.log").exists()
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, "one W&B run per launch, from rank 0 only"
+    assert list(offline[0].glob("run-*.wandb"))
+
+
+@pytest.mark.timeout(300)
+def test_emulated_hybrid_and_ddp_follow_the_same_trajectory(tmp_path):
+    # Dropout off: scheme a and DDP do the same arithmetic on the same global batches.
+    losses = {}
+    for scheme in ("a", "ddp"):
+        proc = _run(
+            [sys.executable, *TRAIN, "parallel.emulate=2", f"parallel.scheme={scheme}", "model.dropout=0",
+             "trainer.max_steps=8", "trainer.log_every_steps=1", "logger=none", f"output_root={tmp_path}/{scheme}"],
+            tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_dir = _run_dir(proc)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[scheme] = [r["train/loss"] for r in records if "train/loss" in r]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["emulated"] and summary["world_size"] == 2
+    assert len(losses["a"]) == 8
+    torch.testing.assert_close(torch.tensor(losses["a"]), torch.tensor(losses["ddp"]), rtol=1e-4, atol=1e-5)
+    assert losses["a"][-1] < losses["a"][0]
+
+
+@pytest.mark.timeout(300)
+def test_hydra_multirun_two_points(tmp_path):
+    proc = _run(
+        [sys.executable, *TRAIN, "-m", "optim.lr=0.01,0.02", "trainer.max_steps=3", "logger=none",
+         f"output_root={tmp_path}/runs"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = list((tmp_path / "runs" / "multirun").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = []
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["steps"] == 3
+        lrs.append(json.loads((job / "summary.json").read_text())["lr"]["conv"])
+    assert lrs == [0.01, 0.02]
+
+
+BAD = [
+    (["parallel.scheme=zzz"], r"parallel.scheme='zzz' is not one of"),
+    (["data=imagenet", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["parallel.emulate=2", "data.global_batch=33"], "data.global_batch=33 cannot be split evenly over 2 workers"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8' is not one of fp32, bf16"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("overrides, message", BAD)
+def test_bad_input_gives_one_error_line(tmp_path, overrides, message):
+    proc = _run([sys.executable, *TRAIN, *overrides, "logger=none", f"output_root={tmp_path}/runs"], tmp_path, timeout=90)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hybridpar: error: "), proc.stderr
+    assert message in lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_unknown_config_group_option(tmp_path):
+    proc = _run([sys.executable, *TRAIN, "model=resnet9000", f"output_root={tmp_path}/runs"], tmp_path, timeout=90)
+    assert proc.returncode != 0
+    assert "Could not find 'model/resnet9000'" in proc.stderr and "alexnet_small" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.emulate=2"], "each process is already one worker: drop parallel.emulate"),
+        (["data.global_batch=33"], "data.global_batch=33 cannot be split evenly over 2 workers"),
+        (["data=imagenet", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    ],
+)
+def test_bad_input_under_torchrun_one_line_from_rank0(tmp_path, overrides, message):
+    proc = _run([*TORCHRUN, *TRAIN, *overrides, "logger=none", f"output_root={tmp_path}/runs"], tmp_path, timeout=150)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "hybridpar: error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "]: Traceback" not in proc.stderr  # no worker tracebacks
+
+
+def test_configs_ship_in_the_wheel(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import zipfile
+
+    (wheel,) = tmp_path.glob("hybridpar-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for yaml in (root / "conf").rglob("*.yaml"):
+        assert f"hybridpar/conf/{yaml.relative_to(root / 'conf')}" in names, yaml
+    for init in (root / "hybridpar").rglob("__init__.py"):
+        assert str(init.relative_to(root)) in names, f"package {init.parent.name} missing from the wheel"
+
+
+def test_a_setup_error_on_one_worker_stops_every_worker():
+    from hybridpar.comm import run_emulated
+    from hybridpar.errors import HybridparError
+    from hybridpar.trainer import SetupFailed, _agreed
+
+    def work(comm):
+        def setup():
+            if comm.rank == 1:
+                raise HybridparError("data.root=/x does not exist on this node")
+            return "ok"
+
+        try:
+            return _agreed(comm, setup)
+        except HybridparError as exc:
+            return type(exc), str(exc)
+
+    out = run_emulated(3, work)
+    assert out[1] == (HybridparError, "data.root=/x does not exist on this node")
+    for r in (0, 2):
+        assert out[r] == (SetupFailed, "worker 1: data.root=/x does not exist on this node")

@@ -18,6 +18,7 @@ from hybridpar.comm import run_emulated
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel, global_mean_loss
 from hybridpar.parallel.cost import ddp_step_bytes, hybrid_step_bytes
+from hybridpar.parallel.data_parallel import trunk_bucket_numels
 
 WIDTHS = [(9216, 4096), (4096, 4096), (4096, 1000)]
 
@@ -47,8 +48,8 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = alexnet(1000)
     total = sum(p.numel() for p in model.parameters())
-    trunk = sum(p.numel() for p in model.features.parameters())
-    print(f"AlexNet: {total:,} parameters, {trunk:,} in the conv trunk; b = {args.batch} per worker; fp32")
+    trunk = trunk_bucket_numels([p.numel() for p in model.features.parameters()])
+    print(f"AlexNet: {total:,} parameters, {sum(trunk):,} in the conv trunk (buckets {trunk}); b = {args.batch} per worker; fp32")
     print("| K | head layout | ledger MB/worker (max) | formula MB | DDP MB | hybrid / DDP |")
     print("|---|---|---|---|---|---|")
     for K in args.workers:

@@ -20,7 +20,7 @@ SCHEDULES = ("plateau", "step", "cosine", "constant")
 
 
 def sgd(groups: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> torch.optim.SGD:
-    """``groups``: ``[{"name": ..., "params": [...]}, ...]``; every group starts at ``cfg.lr``."""
+    """``groups``: ``[{"name": ..., "params": [...], "lr": optional}, ...]``; default rate ``cfg.lr``."""
     if not cfg["lr"] > 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg['lr']}")
     return torch.optim.SGD(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import statistics
 import time
@@ -27,13 +28,14 @@ from hybridpar.errors import ConfigError, HybridparError
 from hybridpar.models import build_model
 from hybridpar.models.split import split_trunk_head
 from hybridpar.optim import Schedule, learning_rates, sgd
-from hybridpar.parallel import HybridModel, global_mean_loss
+from hybridpar.parallel import HybridModel
 from hybridpar.parallel.data_parallel import allreduce_gradients, ledger_allreduce_hook
 
 log = logging.getLogger("hybridpar")
 
-SCHEMES = ("a", "ddp")
+SCHEMES = ("a", "b", "c", "ddp")
 PRECISIONS = ("fp32", "bf16")
+LR_SCALES = {"none": lambda K: 1.0, "sqrt": math.sqrt, "linear": float}
 
 
 class SetupFailed(HybridparError):
@@ -81,6 +83,14 @@ def validate(cfg: DictConfig) -> None:
     """Checks that need no data and no other worker: run on every rank before anything else."""
     if cfg.parallel.scheme not in SCHEMES:
         raise ConfigError(f"parallel.scheme={cfg.parallel.scheme!r} is not one of {', '.join(SCHEMES)}")
+    if cfg.parallel.get("fc_batch", "full") not in ("full", "chunk"):
+        raise ConfigError(f"parallel.fc_batch={cfg.parallel.fc_batch!r} is not one of full, chunk")
+    if cfg.parallel.get("fc_batch", "full") == "chunk" and cfg.parallel.scheme not in ("b", "c"):
+        raise ConfigError(f"parallel.fc_batch=chunk updates the head after each round: it needs parallel.scheme=b or c, not {cfg.parallel.scheme!r}")
+    if cfg.parallel.get("comm_dtype", "fp32") not in PRECISIONS:
+        raise ConfigError(f"parallel.comm_dtype={cfg.parallel.comm_dtype!r} is not one of fp32, bf16")
+    if cfg.optim.get("conv_lr_scale", "none") not in LR_SCALES:
+        raise ConfigError(f"optim.conv_lr_scale={cfg.optim.conv_lr_scale!r} is not one of {', '.join(LR_SCALES)}")
     if cfg.trainer.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
     if cfg.trainer.max_steps is None and not (isinstance(cfg.trainer.epochs, int) and cfg.trainer.epochs >= 1):
@@ -115,8 +125,13 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     full = build_model(cfg.model, data.num_classes, data.in_channels, cfg.seed)
     trunk_names, _ = split_trunk_head(full)
 
-    if cfg.parallel.scheme == "a":
-        model = HybridModel(full, comm, plan=_plan(cfg.parallel.plan), seed=cfg.seed).to(device)
+    if cfg.parallel.scheme != "ddp":
+        model = HybridModel(
+            full, comm, plan=_plan(cfg.parallel.plan), seed=cfg.seed,
+            comm_dtype=torch.bfloat16 if cfg.parallel.get("comm_dtype", "fp32") == "bf16" else None,
+            overlap=cfg.parallel.get("overlap", True),
+            bucket_cap=int(cfg.parallel.get("bucket_mb", 4) * 2**20 / 4),
+        ).to(device)  # fmt: skip
         plain = model
     else:
         plain = full.to(device)
@@ -126,10 +141,14 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
                 plain, device_ids=[device] if device.type == "cuda" else None, process_group=comm.group
             )
             model.register_comm_hook(comm, ledger_allreduce_hook)
+    # The conv layers see a batch of K·b per update (the loss is the mean over it); the paper's
+    # variance argument scales their rate by √K relative to the configured one, linear by K.
+    conv_lr = cfg.optim.lr * LR_SCALES[cfg.optim.get("conv_lr_scale", "none")](K)
     groups = [
-        {"name": "conv", "params": [p for n, p in plain.named_parameters() if n.split(".")[0] in trunk_names]},
+        {"name": "conv", "params": [p for n, p in plain.named_parameters() if n.split(".")[0] in trunk_names],
+         "lr": conv_lr},
         {"name": "fc", "params": [p for n, p in plain.named_parameters() if n.split(".")[0] not in trunk_names]},
-    ]
+    ]  # fmt: skip
     optimizer = sgd(groups, cfg.optim)
     loader = train_loader(
         data.train, local_batch=b, rank=comm.rank, world_size=K, seed=cfg.seed,
@@ -182,7 +201,7 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
     steps_per_epoch = len(s.loader)
     total = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
     schedule = Schedule(s.optimizer, cfg.optim, steps_per_epoch, total)
-    hybrid = cfg.parallel.scheme == "a"
+    hybrid = cfg.parallel.scheme != "ddp"
     emulated_ddp = not hybrid and not isinstance(s.model, nn.parallel.DistributedDataParallel) and K > 1
 
     run = _wandb_run(cfg, run_dir) if rank0 else None
@@ -210,17 +229,21 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                 comm.ledger.reset()
                 t0 = time.perf_counter()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device, cfg.trainer.precision):
-                    logits = s.model(x)
-                # The hybrid's loss is this worker's share of the global-batch mean (its trunk
-                # gradients are then summed); DDP's is the local mean (its gradients averaged).
-                loss = global_mean_loss(logits.float(), y, comm) if hybrid else F.cross_entropy(logits.float(), y)
                 s.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if hybrid:
-                    s.model.sync_gradients()
-                elif emulated_ddp:
-                    _average_gradients(s.plain, comm)
+                    # This worker's share of the global-batch mean; trunk gradients are summed.
+                    loss, _ = s.model.train_step(
+                        x, y, scheme=cfg.parallel.scheme, fc_batch=cfg.parallel.get("fc_batch", "full"),
+                        optimizer=s.optimizer, autocast=lambda: _autocast(device, cfg.trainer.precision),
+                    )  # fmt: skip
+                else:
+                    # DDP: the local mean; gradients averaged.
+                    with _autocast(device, cfg.trainer.precision):
+                        logits = s.model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                    loss.backward()
+                    if emulated_ddp:
+                        _average_gradients(s.plain, comm)
                 s.optimizer.step()
                 schedule.after_step()
                 if device.type == "cuda":

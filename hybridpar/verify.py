@@ -20,7 +20,7 @@ from torch import nn
 
 from hybridpar.comm.base import Communicator
 from hybridpar.models import alexnet_small, build_seeded
-from hybridpar.parallel.hybrid import HybridModel, assemble, global_mean_loss
+from hybridpar.parallel.hybrid import HybridModel, assemble
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -39,6 +39,10 @@ class Case:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    scheme: str = "a"
+    fc_batch: str = "full"
+    comm_dtype: str = "fp32"
+    overlap: bool = True
 
     def model(self) -> nn.Module:
         return build_seeded(
@@ -58,24 +62,27 @@ class Case:
 
 
 def _params(model: nn.Module, what: str) -> dict[str, torch.Tensor]:
-    return {n: (p.grad if what == "grad" else p).detach().clone() for n, p in model.named_parameters()}
+    # (fc_batch=chunk leaves the head's gradients spent: they are None after the step.)
+    pick = {n: (p.grad if what == "grad" else p) for n, p in model.named_parameters()}
+    return {n: t.detach().clone() for n, t in pick.items() if t is not None}
 
 
 def hybrid_worker(comm: Communicator, case: Case, model: nn.Module | None = None) -> dict:
     """One worker's run of ``case``: what it saw at step 0 and its weights after the last step."""
-    hybrid = HybridModel(model if model is not None else case.model(), comm, plan=case.plan, seed=case.seed)
+    hybrid = HybridModel(
+        model if model is not None else case.model(), comm, plan=case.plan, seed=case.seed,
+        comm_dtype=torch.bfloat16 if case.comm_dtype == "bf16" else None, overlap=case.overlap,
+    )  # fmt: skip
     opt = case.optimizer(hybrid.parameters())
     lo, hi = comm.rank * case.local_batch, (comm.rank + 1) * case.local_batch
     out: dict = {"specs": hybrid.shard_specs(), "styles": hybrid.styles, "trunk": [n for n, _ in hybrid.named_parameters() if n.split(".")[0] in hybrid.trunk_names]}
     for step, (x, y) in enumerate(case.batches()):
         comm.ledger.reset()
         opt.zero_grad(set_to_none=True)
-        logits = hybrid(x[lo:hi])
-        loss = global_mean_loss(logits, y[lo:hi], comm)
-        loss.backward()
-        hybrid.sync_gradients()
+        loss, logits = hybrid.train_step(x[lo:hi], y[lo:hi], scheme=case.scheme, fc_batch=case.fc_batch, optimizer=opt)
         if step == 0:
-            out |= {"logits": logits.detach(), "loss": loss.detach(), "grads": _params(hybrid, "grad")}
+            # Rounds take each worker's rows in order, so the logits come back in batch order.
+            out |= {"logits": logits, "loss": loss, "grads": _params(hybrid, "grad")}
             out |= {"sent": comm.ledger.sent, "received": comm.ledger.received, "by_tag": comm.ledger.by_tag()}
         opt.step()
     out["weights"] = _params(hybrid, "weight")
@@ -140,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--plan", default="min_bytes", help="head layout: min_bytes | paper | e.g. row,row,row")
     ap.add_argument("--hidden", type=int, default=50)
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--scheme", default="a", choices=["a", "b", "c"])
     args = ap.parse_args(argv)
     plan = tuple(args.plan.split(",")) if "," in args.plan else args.plan
     under_torchrun = "LOCAL_RANK" in os.environ
@@ -152,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         world = dist.get_world_size()
     else:
         world = args.workers
-    case = Case(world, local_batch=args.batch, plan=plan, hidden=args.hidden, num_classes=args.classes)
+    case = Case(world, local_batch=args.batch, plan=plan, hidden=args.hidden, num_classes=args.classes, scheme=args.scheme)
     if under_torchrun:
         mine = hybrid_worker(DistCommunicator(), case)
         workers: list = [None] * world
@@ -167,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         workers = run_emulated(world, hybrid_worker, case)
     ref = reference(case)
     errors = compare(workers, ref, check=False)
-    print(f"K={world} b={case.local_batch} head layout {'/'.join(workers[0]['styles'])}")
+    print(f"K={world} b={case.local_batch} scheme {case.scheme} head layout {'/'.join(workers[0]['styles'])}")
     for k, v in errors.items():
         print(f"  max |hybrid - single device| {k:8s} {v:.3e}")
     print(f"  bytes sent per worker in step 0: {[w['sent'] for w in workers]}")

@@ -7,6 +7,7 @@ from hybridpar.comm import run_emulated
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel, global_mean_loss
 from hybridpar.parallel.cost import ddp_step_bytes, hybrid_step_bytes
+from hybridpar.parallel.data_parallel import trunk_bucket_numels
 from hybridpar.verify import Case, hybrid_worker
 from tests.helpers import results, run_gloo
 
@@ -49,7 +50,7 @@ def test_emulated_and_gloo_record_the_same_bytes(K):
 
 
 def test_full_alexnet_ledger_matches_formula_and_beats_ddp():
-    K, b = 2, 2
+    K, b = 3, 2
     model = build_seeded(lambda: alexnet(1000, dropout=0.0), 0)
     x = torch.randn(K * b, 3, 224, 224)
     y = torch.randint(0, 1000, (K * b,))
@@ -62,7 +63,7 @@ def test_full_alexnet_ledger_matches_formula_and_beats_ddp():
         return comm.ledger.sent, m.styles
 
     widths = [(9216, 4096), (4096, 4096), (4096, 1000)]
-    trunk = sum(p.numel() for p in model.features.parameters())
+    trunk = trunk_bucket_numels([p.numel() for p in model.features.parameters()])
     for rank, (sent, styles) in enumerate(run_emulated(K, step)):
         assert styles == ("row", "row", "row")
         assert sent == hybrid_step_bytes(widths, styles, trunk, b, K, rank)

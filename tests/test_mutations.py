@@ -7,8 +7,7 @@ import pytest
 
 from hybridpar.comm import EmulatedCommunicator, regions, run_emulated
 from hybridpar.comm.emulated import _sum
-from hybridpar.parallel import hybrid
-from hybridpar.parallel.data_parallel import allreduce_gradients
+from hybridpar.parallel.data_parallel import TrunkSync
 from hybridpar.verify import Case, compare, hybrid_worker, reference
 
 
@@ -20,12 +19,14 @@ def _fails(case):
 
 @pytest.mark.parametrize("K", [2, 3])
 def test_averaging_trunk_gradients_is_caught(monkeypatch, K):
-    def averaged(params, comm, tag):
-        allreduce_gradients(params, comm, tag)
-        for p in params:
-            p.grad /= comm.world_size  # DDP's AVG: wrong for a global-mean loss
+    original = TrunkSync.finish
 
-    monkeypatch.setattr(hybrid, "allreduce_gradients", averaged)
+    def averaged(self):
+        original(self)
+        for p in self.params:
+            p.grad /= self.comm.world_size  # DDP's AVG: wrong for a global-mean loss
+
+    monkeypatch.setattr(TrunkSync, "finish", averaged)
     _fails(Case(K))
 
 

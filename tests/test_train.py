@@ -111,6 +111,9 @@ BAD = [
     (["data=imagenet", "data.root=/nonexistent/imagenet"], "/nonexistent/imagenet"),
     (["parallel.emulate=2", "data.global_batch=33"], "data.global_batch=33 cannot be split evenly over 2 workers"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is not one of fp32, bf16"),
+    (["parallel.fc_batch=chunk"], "it needs parallel.scheme=b or c, not 'a'"),
+    (["parallel.comm_dtype=fp16"], "parallel.comm_dtype='fp16' is not one of fp32, bf16"),
+    (["optim.conv_lr_scale=cubic"], "optim.conv_lr_scale='cubic' is not one of none, sqrt, linear"),
 ]
 
 
@@ -207,3 +210,18 @@ def test_bf16_and_deterministic_runs(tmp_path):
         losses.append([r["train/loss"] for r in records if "train/loss" in r])
     assert losses[0] == losses[1]  # same seed, same data order, same dropout masks
     assert all(l == l for l in losses[0])  # noqa: E741 - finite (not NaN)
+
+
+@pytest.mark.timeout(300)
+def test_schemes_b_c_chunk_and_conv_lr_scale_from_the_command_line(tmp_path):
+    for scheme, extra, conv_lr in (("b", ["optim.conv_lr_scale=sqrt"], 0.01 * 2**0.5),
+                                   ("c", ["parallel.fc_batch=chunk", "optim.conv_lr_scale=linear"], 0.02)):  # fmt: skip
+        proc = _run(
+            [sys.executable, *TRAIN, "parallel.emulate=2", f"parallel.scheme={scheme}", *extra, "trainer.max_steps=4",
+             "parallel.comm_dtype=bf16", "logger=none", f"output_root={tmp_path}/{scheme}"],
+            tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((_run_dir(proc) / "summary.json").read_text())
+        assert summary["scheme"] == scheme and summary["steps"] == 4
+        assert summary["lr"]["conv"] == pytest.approx(conv_lr) and summary["lr"]["fc"] == pytest.approx(0.01)

@@ -1,7 +1,7 @@
 """Communication: one interface, a torch.distributed and an in-process backend, the byte ledger,
 and the differentiable activation moves built on them."""
 
-from hybridpar.comm.base import Communicator, even_split
+from hybridpar.comm.base import Communicator, Handle, even_split
 from hybridpar.comm.emulated import EmulatedCommunicator, EmulatedWorld, run_emulated
 from hybridpar.comm.ledger import ByteLedger, Entry
 from hybridpar.comm.torchdist import DistCommunicator
@@ -12,6 +12,7 @@ __all__ = [
     "DistCommunicator",
     "EmulatedCommunicator",
     "EmulatedWorld",
+    "Handle",
     "Entry",
     "even_split",
     "run_emulated",

@@ -71,19 +71,38 @@ class Communicator(ABC):
 
     def all_to_all(self, chunks: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], tag: str = "") -> list[torch.Tensor]:
         """Send ``chunks[j]`` to worker ``j``; return what each worker sent here, in rank order."""
+        chunks, recv_shapes = self._count_all_to_all(chunks, recv_shapes, tag)
+        return self._timed(self._all_to_all, chunks, recv_shapes)
+
+    def all_to_all_async(self, chunks: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], tag: str = "") -> Handle:
+        """:meth:`all_to_all` that returns at once; ``handle.wait()`` gives the received chunks.
+
+        Every worker must issue its async operations in the same order. The emulated backend
+        moves the data inside ``wait()`` (workers wait in the same order too), so it runs the
+        same schedule without real concurrency.
+        """
+        chunks, recv_shapes = self._count_all_to_all(chunks, recv_shapes, tag)
+        return Handle(self, self._all_to_all_async(chunks, recv_shapes))
+
+    def _count_all_to_all(self, chunks, recv_shapes, tag):
         if len(chunks) != self.world_size or len(recv_shapes) != self.world_size:
             raise ValueError("all_to_all needs one chunk and one receive shape per worker")
         e = chunks[0].element_size()
         sent = sum(c.numel() for j, c in enumerate(chunks) if j != self.rank) * e
         recv = sum(torch.Size(s).numel() for i, s in enumerate(recv_shapes) if i != self.rank) * e
         self.ledger.record("all_to_all", tag, sent, recv)
-        return self._timed(self._all_to_all, list(chunks), [torch.Size(s) for s in recv_shapes])
+        return list(chunks), [torch.Size(s) for s in recv_shapes]
 
     def all_reduce(self, x: torch.Tensor, tag: str = "") -> torch.Tensor:
         """Sum over workers (a new tensor). Counted as the bandwidth-optimal reduce-scatter +
         all-gather over an even split of the elements: ``n + (K-2)·c_rank`` elements each way."""
         self.count_all_reduce(x.numel(), x.element_size(), tag)
         return self._timed(self._all_reduce, x)
+
+    def all_reduce_async(self, x: torch.Tensor, tag: str = "") -> Handle:
+        """:meth:`all_reduce` that returns at once; ``handle.wait()`` gives the sum."""
+        self.count_all_reduce(x.numel(), x.element_size(), tag)
+        return Handle(self, self._all_reduce_async(x))
 
     def count_all_reduce(self, numel: int, itemsize: int, tag: str) -> None:
         """Ledger entry of an all-reduce issued elsewhere (e.g. by a DDP communication hook)."""
@@ -154,9 +173,30 @@ class Communicator(ABC):
     @abstractmethod
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    # Async backends return a zero-argument callable that blocks until the result is ready.
+    @abstractmethod
+    def _all_to_all_async(self, chunks: list[torch.Tensor], recv_shapes: list[torch.Size]): ...
+
+    @abstractmethod
+    def _all_reduce_async(self, x: torch.Tensor): ...
+
     @abstractmethod
     def _gather_objects(self, obj: object) -> list: ...
 
     @abstractmethod
     def _gather_ints(self, t: torch.Tensor) -> list[torch.Tensor]:
         """All workers' copies of a small CPU int64 tensor, in rank order."""
+
+
+class Handle:
+    """An operation in flight. ``wait()`` blocks until its result is ready and returns it; the
+    time spent blocked is the *exposed* communication time, and goes to the ledger."""
+
+    def __init__(self, comm: Communicator, finish):
+        self._comm, self._finish, self._result, self._done = comm, finish, None, False
+
+    def wait(self):
+        if not self._done:
+            self._result = self._comm._timed(self._finish)
+            self._done, self._finish = True, None
+        return self._result

@@ -87,6 +87,13 @@ class EmulatedCommunicator(Communicator):
     def _all_reduce(self, x):
         return self.world.exchange(self.rank, x, _sum)
 
+    # Deferred: the exchange happens in wait(), which every worker reaches in the same order.
+    def _all_to_all_async(self, chunks, recv_shapes):
+        return lambda: self._all_to_all(chunks, recv_shapes)
+
+    def _all_reduce_async(self, x):
+        return lambda: self._all_reduce(x)
+
     def _gather_objects(self, obj):
         return self.world.exchange(self.rank, obj, list)
 

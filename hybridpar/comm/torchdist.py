@@ -43,13 +43,32 @@ class DistCommunicator(Communicator):
         return out
 
     def _all_to_all(self, chunks, recv_shapes):
+        return self._all_to_all_async(chunks, recv_shapes)()
+
+    def _all_to_all_async(self, chunks, recv_shapes):
         send = torch.cat([c.reshape(-1) for c in chunks])
         recv_counts = [s.numel() for s in recv_shapes]
         out = send.new_empty(sum(recv_counts))
-        dist.all_to_all_single(
-            out, send, output_split_sizes=recv_counts, input_split_sizes=[c.numel() for c in chunks], group=self.group
-        )
-        return [p.view(s) for p, s in zip(out.split(recv_counts), recv_shapes)]
+        work = dist.all_to_all_single(
+            out, send, output_split_sizes=recv_counts, input_split_sizes=[c.numel() for c in chunks],
+            group=self.group, async_op=True,
+        )  # fmt: skip
+
+        def finish():
+            work.wait()
+            return [p.view(s) for p, s in zip(out.split(recv_counts), recv_shapes)]
+
+        return finish
+
+    def _all_reduce_async(self, x):
+        y = x.clone()
+        work = dist.all_reduce(y, group=self.group, async_op=True)
+
+        def finish():
+            work.wait()
+            return y
+
+        return finish
 
     def _all_reduce(self, x):
         y = x.clone()

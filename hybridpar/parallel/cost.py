@@ -26,16 +26,29 @@ from hybridpar.comm.base import even_split
 AGREE_BYTES_PER_PEER = 9 * 8
 
 
-def move_elements(kind: str, n: int, b: int, K: int, rank: int) -> int:
-    """Elements worker ``rank`` sends (= receives) for one move, forward and backward."""
+def move_elements(kind: str, n: int, betas: Sequence[int], rank: int) -> int:
+    """Elements worker ``rank`` sends (= receives) for one move, forward and backward, when
+    worker k brings ``betas[k]`` examples (``[b] * K`` in scheme (a); one round in (b)/(c))."""
+    K, B, beta = len(betas), sum(betas), betas[rank]
     s = even_split(n, K)[rank]
     if kind in ("gather_batch", "scatter_batch"):
-        return 2 * (K - 1) * b * n
+        return n * (B + (K - 2) * beta)
     if kind in ("reduce_scatter_features", "gather_features"):
-        return K * b * (n + (K - 2) * s)
+        return B * (n + (K - 2) * s)
     if kind in ("batch_to_features", "features_to_batch"):
-        return b * (n + (K - 2) * s)
+        return beta * (n - s) + (B - beta) * s
     raise ValueError(f"unknown move {kind!r}")
+
+
+def scheme_rounds(scheme: str, b: int, K: int) -> list[list[int]]:
+    """Examples per worker in each round: one round of ``[b] * K`` for (a); K rounds for (b), (c)."""
+    if scheme == "a":
+        return [[b] * K]
+    if scheme == "b":
+        return [[b if k == j else 0 for k in range(K)] for j in range(K)]
+    if scheme == "c":
+        return [[s] * K for s in even_split(b, K)]
+    raise ValueError(f"unknown scheme {scheme!r}")
 
 
 def head_moves(widths: Sequence[tuple[int, int]], styles: Sequence[str]) -> list[tuple[str, int]]:
@@ -65,25 +78,31 @@ def head_moves(widths: Sequence[tuple[int, int]], styles: Sequence[str]) -> list
     return moves
 
 
-def head_bytes(widths, styles, b: int, K: int, rank: int, itemsize: int = 4) -> int:
+def head_bytes(widths, styles, b: int, K: int, rank: int, itemsize: int = 4, scheme: str = "a") -> int:
     if K == 1:
         return 0
-    return itemsize * sum(move_elements(kind, n, b, K, rank) for kind, n in head_moves(widths, styles))
+    moves = head_moves(widths, styles)
+    return itemsize * sum(
+        move_elements(kind, n, betas, rank) for betas in scheme_rounds(scheme, b, K) for kind, n in moves
+    )
 
 
-def allreduce_bytes(n_params: int, K: int, rank: int, itemsize: int = 4) -> int:
+def allreduce_bytes(n_params: int | Sequence[int], K: int, rank: int, itemsize: int = 4) -> int:
+    """One all-reduce of ``n_params`` elements, or one per bucket when given a list of sizes."""
     if K == 1:
         return 0
-    return itemsize * (n_params + (K - 2) * even_split(n_params, K)[rank])
+    sizes = [n_params] if isinstance(n_params, int) else list(n_params)
+    return itemsize * sum(n + (K - 2) * even_split(n, K)[rank] for n in sizes)
 
 
-def hybrid_step_bytes(widths, styles, trunk_params: int, b: int, K: int, rank: int, itemsize: int = 4) -> int:
+def hybrid_step_bytes(widths, styles, trunk_params, b: int, K: int, rank: int, itemsize: int = 4,
+                      scheme: str = "a") -> int:  # fmt: skip
     """Bytes worker ``rank`` sends (= receives) in one hybrid step: head moves, the trunk
-    gradient all-reduce and the batch-shape agreement."""
+    gradient all-reduce (``trunk_params``: a count, or the bucket sizes) and the batch-shape agreement."""
     if K == 1:
         return 0
     return (
-        head_bytes(widths, styles, b, K, rank, itemsize)
+        head_bytes(widths, styles, b, K, rank, itemsize, scheme)
         + allreduce_bytes(trunk_params, K, rank, itemsize)
         + (K - 1) * AGREE_BYTES_PER_PEER
     )

@@ -47,3 +47,81 @@ def ledger_allreduce_hook(comm, bucket):
         return f.value()[0]
 
     return fut.then(done)
+
+
+def bucket_sizes(numels: Sequence[int], cap: int) -> list[list[int]]:
+    """Group parameter indices into buckets of at most ``cap`` elements (a larger parameter gets
+    a bucket of its own), last parameter first: backward produces gradients roughly in that order."""
+    out: list[list[int]] = []
+    size = 0
+    for i in reversed(range(len(numels))):
+        if not out or size + numels[i] > cap:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += numels[i]
+    return out
+
+
+class TrunkSync:
+    """SUM the trunk replicas' gradients in buckets, each all-reduce issued as soon as its last
+    gradient is accumulated, so the exchange overlaps the rest of the trunk's backward.
+
+    Why not DDP: DDP needs a ProcessGroup (the emulation has none) and averages; this keeps
+    one code path for both backends and the global-mean loss convention (SUM). ``overlap=False``
+    waits for each bucket at once (for measuring how much the overlap hides).
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], comm: Communicator, *, bucket_cap: int = 1 << 20,
+                 overlap: bool = True, tag: str = "trunk_grads"):  # fmt: skip
+        self.params, self.comm, self.overlap, self.tag = list(params), comm, overlap, tag
+        self.buckets = bucket_sizes([p.numel() for p in self.params], bucket_cap)
+        self._bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
+        self._ready = [0] * len(self.buckets)
+        self._inflight: list[tuple[int, object]] = []
+        if comm.world_size > 1:
+            for i, p in enumerate(self.params):
+                p.register_post_accumulate_grad_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def hook(_p: torch.nn.Parameter) -> None:
+            b = self._bucket_of[i]
+            self._ready[b] += 1
+            if self._ready[b] == len(self.buckets[b]):
+                self._launch(b)
+
+        return hook
+
+    def _launch(self, b: int) -> None:
+        grads = [self.params[i].grad if self.params[i].grad is not None else torch.zeros_like(self.params[i])
+                 for i in self.buckets[b]]  # fmt: skip
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        handle = self.comm.all_reduce_async(flat, self.tag)
+        if not self.overlap:
+            handle.wait()
+        self._inflight.append((b, handle))
+        self._ready[b] = -1  # launched
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching any whose gradients never arrived, as zeros, in bucket
+        order on every worker) and write the sums into ``.grad``."""
+        if self.comm.world_size == 1:
+            return
+        for b, r in enumerate(self._ready):
+            if r != -1:
+                self._launch(b)
+        for b, handle in self._inflight:
+            flat = handle.wait()
+            params = [self.params[i] for i in self.buckets[b]]
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                if p.grad is None:
+                    p.grad = g.view_as(p).clone()
+                else:
+                    p.grad.copy_(g.view_as(p))
+        self._inflight.clear()
+        self._ready = [0] * len(self.buckets)
+
+
+def trunk_bucket_numels(numels: Sequence[int], cap: int = 1 << 20) -> list[int]:
+    """The element count of each bucket :class:`TrunkSync` all-reduces (for the byte formula)."""
+    return [sum(numels[i] for i in bucket) for bucket in bucket_sizes(numels, cap)]

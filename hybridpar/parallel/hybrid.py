@@ -16,6 +16,7 @@ One step on K workers with b examples each:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping, Sequence
 
@@ -25,9 +26,10 @@ from torch import nn
 
 from hybridpar.comm import regions
 from hybridpar.comm.base import Communicator, even_split
-from hybridpar.parallel.data_parallel import allreduce_gradients
+from hybridpar.parallel.data_parallel import TrunkSync
 from hybridpar.parallel.head import Move, shard_head
 from hybridpar.parallel.linear import ShardSpec
+from hybridpar.parallel.rounds import grads_from, inputs_from, own_rows, round_sizes, send_grads, send_inputs
 from hybridpar.models.split import split_trunk_head
 
 
@@ -35,9 +37,23 @@ class HybridModel(nn.Module):
     """Built from a full single-device model (same seed on every worker); keeps the trunk whole
     and this worker's slice of the head. Parameter names are the full model's."""
 
-    def __init__(self, model: nn.Module, comm: Communicator, *, plan: str | Sequence[str] = "min_bytes", seed: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        comm: Communicator,
+        *,
+        plan: str | Sequence[str] = "min_bytes",
+        seed: int = 0,
+        comm_dtype: torch.dtype | None = None,
+        overlap: bool = True,
+        bucket_cap: int = 1 << 20,
+    ):
         super().__init__()
         self.comm = comm
+        # The dtype the features and their gradients travel in (None: as computed). bf16 halves
+        # the activation bytes; every accumulation stays in the compute dtype.
+        self.comm_dtype = comm_dtype
+        self.overlap = overlap
         self.trunk_names, self.head_name = split_trunk_head(model)
         # Check the head before touching anything: a bad layer is reported before any collective.
         head, self.program, self.styles = shard_head(
@@ -47,6 +63,8 @@ class HybridModel(nn.Module):
         for n in self.trunk_names:
             self.add_module(n, copy.deepcopy(getattr(model, n)))
         self.add_module(self.head_name, head)
+        self._first_move = next(i for i, op in enumerate(self.program) if isinstance(op, Move))
+        self.trunk_sync = TrunkSync(self.trunk_parameters(), comm, bucket_cap=bucket_cap, overlap=overlap)
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -62,11 +80,86 @@ class HybridModel(nn.Module):
         return torch.flatten(x, 1)
 
     def forward_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self._run(self.program, h, [h.shape[0]] * self.comm.world_size)
+
+    def _run(self, program, h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
         head = getattr(self, self.head_name)
-        batch_sizes = [h.shape[0]] * self.comm.world_size
-        for op in self.program:
-            h = head[op](h) if isinstance(op, int) else self._move(op, h, batch_sizes)
+        first = self.program[self._first_move]
+        for op in program:
+            if isinstance(op, int):
+                h = head[op](h)
+            elif op is first and self.comm_dtype is not None and self.comm.world_size > 1:
+                # Autograd casts the returning gradient the same way: both directions travel in comm_dtype.
+                h = self._move(op, h.to(self.comm_dtype), batch_sizes).to(h.dtype)
+            else:
+                h = self._move(op, h, batch_sizes)
         return h
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, scheme: str = "a", fc_batch: str = "full",
+                   optimizer: torch.optim.Optimizer | None = None, autocast=contextlib.nullcontext):  # fmt: skip
+        """Forward, backward and trunk synchronisation of one step; returns this worker's share of
+        the global-mean loss and its examples' logits (both detached).
+
+        ``fc_batch="full"``: the head's gradients accumulate over all rounds (then (b) and (c)
+        compute exactly what (a) computes). ``"chunk"``: the head shards take an optimizer step
+        after every round, on the mean over that round's examples (FC batch b, conv batch K·b);
+        the conv layers still get the mean over all K·b examples.
+        """
+        if scheme == "a":
+            with autocast():
+                logits = self(x)
+            loss = global_mean_loss(logits.float(), y, self.comm)
+            loss.backward()
+            self.sync_gradients()
+            return loss.detach(), logits.detach()
+        return self._train_rounds(x, y, scheme, fc_batch, optimizer, autocast)
+
+    def _train_rounds(self, x, y, scheme, fc_batch, optimizer, autocast):
+        comm, K, first = self.comm, self.comm.world_size, self._first_move
+        move: Move = self.program[first]
+        self.comm.agree("local batch shape", tuple(x.shape))
+        with autocast():
+            h0 = self._run(self.program[:first], self.forward_trunk(x), [])
+        total = K * x.shape[0]
+        sizes = round_sizes(scheme, x.shape[0], K)
+        rows = own_rows(sizes, comm.rank)
+        wire = self.comm_dtype or h0.dtype
+        sent = h0.detach().to(wire)
+
+        def issue(j: int):
+            return send_inputs(move.kind, sent[rows[j]], comm, sizes[j], move.tag)
+
+        pending = {0: issue(0)}
+        returns, logits_out = [], []
+        loss_share = torch.zeros((), dtype=torch.float32, device=x.device)
+        for j in range(K):
+            if self.overlap and j + 1 < K:
+                pending[j + 1] = issue(j + 1)  # next round's features travel while this round computes
+            inp = inputs_from(move.kind, pending.pop(j).wait()).to(h0.dtype).requires_grad_()
+            with autocast():
+                logits = self._run(self.program[first + 1 :], inp, sizes[j])
+            ce = F.cross_entropy(logits.float(), y[rows[j]], reduction="sum")
+            n_j = sum(sizes[j])
+            (ce / (total if fc_batch == "full" else n_j)).backward()
+            loss_share += ce.detach() / total
+            logits_out.append(logits.detach())
+            g = inp.grad
+            if fc_batch == "chunk":
+                optimizer.step()  # only the head has gradients yet: the trunk's come after the rounds
+                for p in self.head_parameters():
+                    p.grad = None
+                g = g * (n_j / total)  # the trunk still sees the mean over all K·b examples
+            returns.append((j, send_grads(move.kind, g.to(wire), comm, sizes[j], move.width, move.tag + ".grad")))
+            if not self.overlap:
+                returns[-1][1].wait()
+                if j + 1 < K:
+                    pending[j + 1] = issue(j + 1)
+        grad = torch.zeros_like(h0)
+        for j, handle in returns:
+            grad[rows[j]] += grads_from(move.kind, handle.wait()).to(grad.dtype)
+        h0.backward(grad)
+        self.sync_gradients()
+        return loss_share, torch.cat(logits_out)
 
     def _move(self, op: Move, h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
         comm, fs = self.comm, even_split(op.width, self.comm.world_size)
@@ -85,8 +178,10 @@ class HybridModel(nn.Module):
         raise ValueError(f"unknown move {op.kind!r}")
 
     def sync_gradients(self) -> None:
-        """Sum the trunk replicas' gradients (see the module docstring for why SUM)."""
-        allreduce_gradients(self.trunk_parameters(), self.comm, tag="trunk_grads")
+        """Finish summing the trunk replicas' gradients (see the module docstring for why SUM).
+
+        The buckets' all-reduces were issued during backward, as their gradients became ready."""
+        self.trunk_sync.finish()
 
     # ---- layout ---------------------------------------------------------------------------
 

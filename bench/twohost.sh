@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Two "hosts" on this machine: two network namespaces joined by a veth pair whose rate is limited
+# with a token bucket, one torchrun node in each (c10d rendezvous at 198.18.0.1). Run as root.
+#   bench/twohost.sh RATE COMMAND...      e.g. bench/twohost.sh 100mbit bench/schemes.py --batch 16
+# COMMAND is what torchrun runs on each node (a script path, or -m module). The namespaces are
+# always removed at the end, also on failure or Ctrl-C.
+set -euo pipefail
+rate="${1:?rate, e.g. 1gbit}"
+shift
+a="hpA$$" b="hpB$$"
+cleanup() { ip netns del "$a" 2>/dev/null || true; ip netns del "$b" 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+ip netns add "$a"
+ip netns add "$b"
+ip link add "vA$$" type veth peer name "vB$$"
+ip link set "vA$$" netns "$a"
+ip link set "vB$$" netns "$b"
+ip -n "$a" addr add 198.18.0.1/24 dev "vA$$"
+ip -n "$b" addr add 198.18.0.2/24 dev "vB$$"
+for ns in "$a" "$b"; do ip -n "$ns" link set lo up; done
+ip -n "$a" link set "vA$$" up
+ip -n "$b" link set "vB$$" up
+ip netns exec "$a" tc qdisc add dev "vA$$" root tbf rate "$rate" burst 256kb latency 50ms
+ip netns exec "$b" tc qdisc add dev "vB$$" root tbf rate "$rate" burst 256kb latency 50ms
+py="${PYTHON:-python}"
+run_node() {  # namespace, interface, node rank, command...
+  local ns="$1" ifc="$2" rank="$3"
+  shift 3
+  # --local-addr: the namespaces cannot reach the address the host name resolves to.
+  ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$ifc" OMP_NUM_THREADS=1 "$py" -m torch.distributed.run \
+    --nnodes=2 --nproc_per_node=1 --node_rank="$rank" --rdzv-backend=c10d --rdzv-endpoint=198.18.0.1:29400 \
+    --local-addr="198.18.0.$((rank + 1))" --rdzv-id="twohost$$" --rdzv-conf="is_host=$([ "$rank" = 0 ] && echo true || echo false)" "$@"
+}
+run_node "$a" "vA$$" 0 "$@" &
+pa=$!
+run_node "$b" "vB$$" 1 "$@" >/dev/null 2>&1 &
+pb=$!
+wait "$pa"
+wait "$pb"

@@ -17,7 +17,11 @@ def allreduce_gradients(params: Sequence[torch.nn.Parameter], comm: Communicator
     if comm.world_size == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), tag)
+    _write_back(params, comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), tag))
+
+
+def _write_back(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    """Copy a flat buffer of reduced gradients back into the parameters' ``.grad``."""
     for p, g in zip(params, flat.split([q.numel() for q in params])):
         if p.grad is None:
             p.grad = g.view_as(p).clone()
@@ -111,13 +115,7 @@ class TrunkSync:
             if r != -1:
                 self._launch(b)
         for b, handle in self._inflight:
-            flat = handle.wait()
-            params = [self.params[i] for i in self.buckets[b]]
-            for p, g in zip(params, flat.split([p.numel() for p in params])):
-                if p.grad is None:
-                    p.grad = g.view_as(p).clone()
-                else:
-                    p.grad.copy_(g.view_as(p))
+            _write_back([self.params[i] for i in self.buckets[b]], handle.wait())
         self._inflight.clear()
         self._ready = [0] * len(self.buckets)
 

@@ -70,20 +70,25 @@ class _ReduceScatterFeatures(Function):
         return ctx.comm.all_gather(g.contiguous(), 1, ctx.sizes, ctx.tag + ".grad"), None, None, None
 
 
-def _rows_to_columns(x, comm: Communicator, batch_sizes, feature_sizes, tag):
-    """(own rows, all columns) -> (all rows, own columns)."""
-    r = comm.rank
+def rows_to_columns_chunks(x, rank: int, batch_sizes, feature_sizes):
+    """What to send and expect to turn (own rows, all columns) into (all rows, own columns):
+    column slice j goes to worker j; worker i's rows arrive. Concatenate what arrives along dim 0."""
     send = [c.contiguous() for c in x.split(feature_sizes, 1)]
-    shapes = [torch.Size((bs, feature_sizes[r])) for bs in batch_sizes]
-    return torch.cat(comm.all_to_all(send, shapes, tag), 0)
+    return send, [torch.Size((bs, feature_sizes[rank])) for bs in batch_sizes]
+
+
+def columns_to_rows_chunks(x, rank: int, batch_sizes, feature_sizes):
+    """The mirror: (all rows, own columns) -> (own rows, all columns); concatenate along dim 1."""
+    send = [c.contiguous() for c in x.split(batch_sizes, 0)]
+    return send, [torch.Size((batch_sizes[rank], fs)) for fs in feature_sizes]
+
+
+def _rows_to_columns(x, comm: Communicator, batch_sizes, feature_sizes, tag):
+    return torch.cat(comm.all_to_all(*rows_to_columns_chunks(x, comm.rank, batch_sizes, feature_sizes), tag), 0)
 
 
 def _columns_to_rows(x, comm: Communicator, batch_sizes, feature_sizes, tag):
-    """(all rows, own columns) -> (own rows, all columns)."""
-    r = comm.rank
-    send = [c.contiguous() for c in x.split(batch_sizes, 0)]
-    shapes = [torch.Size((batch_sizes[r], fs)) for fs in feature_sizes]
-    return torch.cat(comm.all_to_all(send, shapes, tag), 1)
+    return torch.cat(comm.all_to_all(*columns_to_rows_chunks(x, comm.rank, batch_sizes, feature_sizes), tag), 1)
 
 
 class _BatchToFeatures(Function):

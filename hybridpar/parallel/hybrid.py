@@ -29,7 +29,8 @@ from hybridpar.comm.base import Communicator, even_split
 from hybridpar.parallel.data_parallel import TrunkSync
 from hybridpar.parallel.head import Move, shard_head
 from hybridpar.parallel.linear import ShardSpec
-from hybridpar.parallel.rounds import grads_from, inputs_from, own_rows, round_sizes, send_grads, send_inputs
+from hybridpar.parallel.cost import scheme_rounds
+from hybridpar.parallel.rounds import grads_from, own_rows, send_grads, send_inputs
 from hybridpar.models.split import split_trunk_head
 
 
@@ -121,7 +122,7 @@ class HybridModel(nn.Module):
         with autocast():
             h0 = self._run(self.program[:first], self.forward_trunk(x), [])
         total = K * x.shape[0]
-        sizes = round_sizes(scheme, x.shape[0], K)
+        sizes = scheme_rounds(scheme, x.shape[0], K)
         rows = own_rows(sizes, comm.rank)
         wire = self.comm_dtype or h0.dtype
         sent = h0.detach().to(wire)
@@ -135,7 +136,7 @@ class HybridModel(nn.Module):
         for j in range(K):
             if self.overlap and j + 1 < K:
                 pending[j + 1] = issue(j + 1)  # next round's features travel while this round computes
-            inp = inputs_from(move.kind, pending.pop(j).wait()).to(h0.dtype).requires_grad_()
+            inp = torch.cat(pending.pop(j).wait(), 0).to(h0.dtype).requires_grad_()
             with autocast():
                 logits = self._run(self.program[first + 1 :], inp, sizes[j])
             ce = F.cross_entropy(logits.float(), y[rows[j]], reduction="sum")

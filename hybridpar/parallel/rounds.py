@@ -15,16 +15,7 @@ from __future__ import annotations
 import torch
 
 from hybridpar.comm.base import Communicator, Handle, even_split
-from hybridpar.parallel.cost import scheme_rounds
-
-SCHEMES = ("a", "b", "c")
-
-
-def round_sizes(scheme: str, b: int, K: int) -> list[list[int]]:
-    """``sizes[j][k]``: how many of worker k's examples take part in round j."""
-    if scheme not in ("b", "c"):
-        raise ValueError(f"scheme {scheme!r} has no rounds")
-    return scheme_rounds(scheme, b, K)
+from hybridpar.comm.regions import columns_to_rows_chunks, rows_to_columns_chunks
 
 
 def own_rows(sizes: list[list[int]], rank: int) -> list[slice]:
@@ -39,28 +30,22 @@ def own_rows(sizes: list[list[int]], rank: int) -> list[slice]:
 def send_inputs(kind: str, h: torch.Tensor, comm: Communicator, sizes: list[int], tag: str) -> Handle:
     """Start moving this worker's round rows ``h`` (its ``sizes[rank]`` examples, all features)
     to the layout the head's first layer needs: every example of the round, with all features
-    (``gather_batch``) or with this worker's feature slice (``batch_to_features``)."""
+    (``gather_batch``) or with this worker's feature slice (``batch_to_features``). What arrives
+    is concatenated along dim 0."""
     K, n = comm.world_size, h.shape[1]
     if kind == "gather_batch":
         return comm.all_to_all_async([h] * K, [torch.Size((s, n)) for s in sizes], tag)
-    fs = even_split(n, K)
-    chunks = [c.contiguous() for c in h.split(fs, 1)]
-    return comm.all_to_all_async(chunks, [torch.Size((s, fs[comm.rank])) for s in sizes], tag)
-
-
-def inputs_from(kind: str, received: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(received, 0)
+    return comm.all_to_all_async(*rows_to_columns_chunks(h, comm.rank, sizes, even_split(n, K)), tag)
 
 
 def send_grads(kind: str, g: torch.Tensor, comm: Communicator, sizes: list[int], width: int, tag: str) -> Handle:
     """Start returning the gradient of the round's head input to the examples' owners: partial
     sums over the shards (``gather_batch``) or feature slices (``batch_to_features``)."""
     K, r = comm.world_size, comm.rank
-    chunks = [c.contiguous() for c in g.split(sizes, 0)]
     if kind == "gather_batch":
+        chunks = [c.contiguous() for c in g.split(sizes, 0)]
         return comm.all_to_all_async(chunks, [torch.Size((sizes[r], width))] * K, tag)
-    fs = even_split(width, K)
-    return comm.all_to_all_async(chunks, [torch.Size((sizes[r], f)) for f in fs], tag)
+    return comm.all_to_all_async(*columns_to_rows_chunks(g, r, sizes, even_split(width, K)), tag)
 
 
 def grads_from(kind: str, received: list[torch.Tensor]) -> torch.Tensor:

@@ -51,7 +51,7 @@ def _threads_per_worker(workers_on_this_host: int) -> int:
 
 
 def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int, timeout_s: float) -> Any:
-    """Run ``fn(comm, device)`` on every worker; return rank 0's result (others return None)."""
+    """Run ``fn(comm, device)`` on every worker; return this process's result (rank 0's when emulated)."""
     check_launch(emulate)
     if under_torchrun():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -68,14 +68,10 @@ def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int
             dist.barrier()
         finally:
             dist.destroy_process_group()
-        return result if dist_rank_was_zero() else None
+        return result
     # Emulated workers share this process's cores and its intra-op thread pool; one GPU would
     # serialise them anyway, so emulation runs on the CPU (K = 1 may use a GPU).
     device = torch.device("cuda", 0) if emulate == 1 and torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(_threads_per_worker(1))
     return run_emulated(emulate, fn, device, timeout_s=timeout_s)[0]
-
-
-def dist_rank_was_zero() -> bool:
-    return env_rank() == 0

@@ -66,7 +66,6 @@ def main(cfg: DictConfig) -> None:
     _logging(run_dir, rank0)
     try:
         validate(cfg)
-        runtime.check_launch(cfg.parallel.emulate)
         if cfg.trainer.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             import torch

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from hybridpar.comm import DistCommunicator
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel
+from hybridpar.parallel.cost import ddp_step_bytes
 
 
 def run(comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int = 2) -> dict[str, float]:
@@ -64,7 +65,7 @@ def run_ddp(comm, b: int, steps: int, warmup: int = 1) -> dict[str, float]:
             step_s.append(time.perf_counter() - t0)
     n = sum(p.numel() for p in model.parameters())
     wire = (link_bytes() - link0) / (warmup + steps) if link0 is not None else None
-    return {"step": statistics.median(step_s), "bytes": 4 * (n + (comm.world_size - 2) * (n // comm.world_size)), "wire": wire}
+    return {"step": statistics.median(step_s), "bytes": ddp_step_bytes(n, comm.world_size, comm.rank), "wire": wire}
 
 
 def link_bytes() -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 
@@ -49,8 +50,6 @@ def run_gloo(world_size: int, fn, *args, timeout_s: float = JOIN_TIMEOUT_S) -> l
         ctx = mp.start_processes(
             _entry, args=(world_size, store, tmp, fn, args), nprocs=world_size, join=False, start_method="spawn"
         )
-        import time
-
         deadline = time.monotonic() + timeout_s
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() >= deadline:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from hybridpar.comm.base import Communicator
 
@@ -36,10 +38,6 @@ def ledger_allreduce_hook(comm, bucket):
     plus the byte count and the time each bucket's all-reduce is in flight, so that the DDP
     baseline reports bytes and communication time the same way the hybrid does.
     """
-    import time
-
-    import torch.distributed as dist
-
     buf = bucket.buffer()
     comm.count_all_reduce(buf.numel(), buf.element_size(), "ddp_grads")
     buf.div_(comm.world_size)

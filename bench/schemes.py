@@ -8,11 +8,17 @@ and serialised (every operation waited for at once). The serialised run gives th
 time (time blocked in collectives) and the compute time (step − communication); the hidden
 fraction is (serialised step − overlapped step) / communication. Also times the trunk gradient
 sync as one all-reduce vs reduce-scatter + all-gather. Medians over the timed steps, rank 0 prints.
+
+Before the runs it measures the link (alpha: median of 1-float all-reduces; bandwidth: a large
+all-reduce) and every worker's per-layer compute profile (both workers at once, as in the runs),
+and prints the cost model's prediction next to each measured step (:mod:`hybridpar.costmodel`).
+``--json PATH`` appends one JSON line with everything (for ``bench/twohost_sweep.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -20,13 +26,14 @@ import time
 import torch
 import torch.distributed as dist
 
+from hybridpar import costmodel
 from hybridpar.comm import DistCommunicator
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel
-from hybridpar.parallel.cost import ddp_step_bytes
+from hybridpar.parallel.cost import allreduce_bytes, ddp_step_bytes
 
 
-def run(comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int = 2) -> dict[str, float]:
+def run(comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int) -> dict[str, float]:
     model = HybridModel(build_seeded(lambda: alexnet(1000, dropout=0.0), 0), comm, overlap=overlap)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
@@ -47,7 +54,7 @@ def run(comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int = 2) -
     return {"step": statistics.median(step_s), "comm": statistics.median(comm_s), "bytes": comm.ledger.sent, "wire": wire}
 
 
-def run_ddp(comm, b: int, steps: int, warmup: int = 1) -> dict[str, float]:
+def run_ddp(comm, b: int, steps: int, warmup: int) -> dict[str, float]:
     """torch DDP over the whole model (the baseline), its default bucketing and average."""
     model = torch.nn.parallel.DistributedDataParallel(build_seeded(lambda: alexnet(1000, dropout=0.0), 0))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -77,8 +84,59 @@ def link_bytes() -> int | None:
     return sum(int(open(base + f).read()) for f in ("tx_bytes", "rx_bytes"))
 
 
+PROC_STAT = os.path.exists("/proc/stat")
+
+
+def busy_cpu_s() -> float:
+    """Busy processor seconds of the whole machine (all cores, kernel included), or of this
+    process where /proc/stat is missing."""
+    if not PROC_STAT:
+        return time.process_time()
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def calibrate_link(workers_on_machine: int, reps: int = 5) -> costmodel.Link:
+    """Alpha and bandwidth of the link as gloo sees it: all-reduces of 1 float and of ~0.3 s worth."""
+
+    cpu = []
+
+    def timed(n: int) -> float:
+        x, ts = torch.zeros(n), []
+        for _ in range(reps):
+            dist.barrier()
+            t0, c0 = time.perf_counter(), busy_cpu_s()
+            dist.all_reduce(x)
+            ts.append(time.perf_counter() - t0)
+            cpu.append((busy_cpu_s() - c0) / n)  # processor seconds per element
+        return statistics.median(ts)
+
+    K = dist.get_world_size()
+    steps = 2 * (K - 1)
+    alpha = timed(1) / steps
+    n = 1 << 18
+    t = timed(n)
+    size = torch.tensor([int(min(max(n * 0.3 / max(t, 1e-6), n), 1 << 24))])  # aim at ~0.3 s, at most 64 MB
+    dist.broadcast(size, 0)  # every worker must all-reduce the same size
+    n = int(size)
+    elements = max(allreduce_bytes(n, K, r, 1) for r in range(K))
+    cpu.clear()
+    bw = elements * 4 / max(timed(n) - steps * alpha, 1e-9)
+    # Transport processor time per byte moved (sent + received: 2 × elements × 4 bytes per worker).
+    # The whole machine's busy time counts (the kernel's TCP work runs outside the process, e.g.
+    # in softirq), shared by the workers on it; with one worker per core that is what it steals.
+    cpu_per_byte = statistics.median(cpu) * n / (2 * elements * 4) / (workers_on_machine if PROC_STAT else 1)
+    return costmodel.Link(alpha, bw, cpu_per_byte)
+
+
 def trunk_sync_times(comm, n: int, reps: int = 7) -> dict[str, float]:
-    x = torch.randn(n)
+    """The trunk's gradient sum as one all-reduce vs reduce-scatter + all-gather (the paper's
+    description), both through the communicator (its reduce-scatter moves (K-1)/K of the tensor)."""
+    K = comm.world_size
+    x = torch.randn(n - n % K)
+    sizes = [x.numel() // K] * K
     out = {}
     for name in ("all_reduce", "rs_ag"):
         ts = []
@@ -86,12 +144,9 @@ def trunk_sync_times(comm, n: int, reps: int = 7) -> dict[str, float]:
             dist.barrier()
             t0 = time.perf_counter()
             if name == "all_reduce":
-                dist.all_reduce(x.clone())
+                comm.all_reduce(x.clone(), "bench")
             else:
-                part = torch.empty(n // comm.world_size)
-                dist.reduce_scatter_single(part, x[: part.numel() * comm.world_size].clone())
-                full = torch.empty(part.numel() * comm.world_size)
-                dist.all_gather_single(full, part)
+                comm.all_gather(comm.reduce_scatter(x.clone(), 0, sizes, "bench"), 0, sizes, "bench")
             ts.append(time.perf_counter() - t0)
         out[name] = statistics.median(ts)
     return out
@@ -101,34 +156,69 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--schemes", default="a,b,c", help="comma list of a, b, c, ddp")
+    ap.add_argument("--rate", default="", help="the link's nominal rate (recorded only), e.g. 1gbit")
+    ap.add_argument("--json", help="append the results as one JSON line to this file (rank 0)")
+    ap.add_argument("--calibrate-only", action="store_true", help="measure the link, print it as JSON, stop")
+    ap.add_argument("--workers-on-machine", type=int, default=0, help="workers sharing this machine's cores (0: all)")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     comm = DistCommunicator()
+    # twohost.sh and --standalone put every worker on this machine.
+    link = calibrate_link(args.workers_on_machine or comm.world_size)
+    if args.calibrate_only:
+        if comm.rank == 0:
+            print(json.dumps({"rate": args.rate, "alpha_s": link.alpha_s, "bytes_per_s": link.bytes_per_s,
+                              "cpu_s_per_byte": link.cpu_s_per_byte}), flush=True)  # fmt: skip
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)
+    # Both workers profile at once, as they compute at once in the runs (shared memory bandwidth).
+    profile = costmodel.measure_profile(build_seeded(lambda: alexnet(1000, dropout=0.0), 0), 224, args.batch, reps=3)
     rows = []
     for scheme in args.schemes.split(","):
+        pred = costmodel.step_time(profile, link, scheme, comm.world_size, args.batch)
         if scheme == "ddp":
-            d = run_ddp(comm, args.batch, max(2, args.steps // 2))
-            rows.append((scheme, d["step"], None, None, None, None, None, d["bytes"], d["wire"]))
+            d = run_ddp(comm, args.batch, max(2, args.steps // 2), max(1, args.warmup // 2))
+            rows.append(dict(scheme=scheme, step=d["step"], bytes=d["bytes"], wire=d["wire"], predicted=pred.step_s,
+                             predicted_compute=pred.compute_s))  # fmt: skip
             continue
-        serial = run(comm, scheme, False, args.batch, args.steps)
-        overlapped = run(comm, scheme, True, args.batch, args.steps)
-        compute = serial["step"] - serial["comm"]
-        hidden = (serial["step"] - overlapped["step"]) / serial["comm"] if serial["comm"] > 0 else 0.0
-        rows.append((scheme, overlapped["step"], serial["step"], compute, serial["comm"], overlapped["comm"], hidden,
-                     overlapped["bytes"], overlapped["wire"]))  # fmt: skip
+        serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
+        overlapped = run(comm, scheme, True, args.batch, args.steps, args.warmup)
+        rows.append(dict(
+            scheme=scheme, step=overlapped["step"], serial=serial["step"], compute=serial["step"] - serial["comm"],
+            comm=serial["comm"], exposed=overlapped["comm"], bytes=overlapped["bytes"], wire=overlapped["wire"],
+            hidden=(serial["step"] - overlapped["step"]) / serial["comm"] if serial["comm"] > 0 else 0.0,
+            predicted=pred.step_s, predicted_compute=pred.compute_s,
+            predicted_serial=costmodel.step_time(profile, link, scheme, comm.world_size, args.batch, overlap=False).step_s,
+        ))  # fmt: skip
     sync = trunk_sync_times(comm, sum(p.numel() for p in alexnet(1000).features.parameters()))
     if comm.rank == 0:
-        print(f"AlexNet 224 px, b = {args.batch} per worker, K = {comm.world_size} gloo processes, 1 thread each; medians of {args.steps} steps")
-        print("| scheme | step s (overlap) | step s (serialised) | compute s | communication s | exposed comm s (overlap) | hidden | MB sent/worker (ledger) | MB on the link/step (tx+rx) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"AlexNet 224 px, b = {args.batch} per worker, K = {comm.world_size} gloo processes, 1 thread each; "
+              f"medians of {args.steps} steps after {args.warmup} warm-up; link {args.rate or '?'}: alpha "
+              f"{link.alpha_s * 1e6:.0f} us, {link.bytes_per_s * 8 / 1e9:.3f} Gbit/s, transport "
+              f"{link.cpu_s_per_byte * 1e9:.2f} ns/byte of processor time, measured")  # fmt: skip
+        print("| scheme | step s (overlap) | predicted s | error | step s (serialised) | predicted s | compute s | "
+              "communication s | exposed comm s (overlap) | hidden | MB sent/worker (ledger) | MB on the link/step (tx+rx) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
-        for scheme, st, ss, cp, cm, ex, hid, by, wire in rows:
-            print(f"| {scheme} | {st:.3f} | {f(ss, '.3f')} | {f(cp, '.3f')} | {f(cm, '.3f')} | {f(ex, '.3f')} | "
-                  f"{f(hid, '.0%')} | {by / 1e6:.2f} | {f(None if wire is None else wire / 1e6, '.2f')} |")  # fmt: skip
+        for r in rows:
+            g = r.get
+            print(f"| {r['scheme']} | {r['step']:.3f} | {r['predicted']:.3f} | {r['predicted'] / r['step'] - 1:+.1%} | "
+                  f"{f(g('serial'), '.3f')} | {f(g('predicted_serial'), '.3f')} | {f(g('compute'), '.3f')} | "
+                  f"{f(g('comm'), '.3f')} | {f(g('exposed'), '.3f')} | {f(g('hidden'), '.0%')} | {r['bytes'] / 1e6:.2f} | "
+                  f"{f(None if r['wire'] is None else r['wire'] / 1e6, '.2f')} |")  # fmt: skip
         print(f"trunk gradient sync (2,469,696 floats): all-reduce {sync['all_reduce'] * 1e3:.1f} ms, "
               f"reduce-scatter + all-gather {sync['rs_ag'] * 1e3:.1f} ms", flush=True)  # fmt: skip
+        if args.json:
+            record = dict(rate=args.rate, batch=args.batch, K=comm.world_size, steps=args.steps, warmup=args.warmup,
+                          alpha_s=link.alpha_s, bytes_per_s=link.bytes_per_s, cpu_s_per_byte=link.cpu_s_per_byte,
+                          rows=rows, sync=sync,
+                          profile=json.loads(profile.to_json()))  # fmt: skip
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
     dist.barrier()
     dist.destroy_process_group()
     # Some exits abort in a C++ static destructor after all work is done (seen with gloo here);

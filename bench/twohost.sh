@@ -20,14 +20,15 @@ ip -n "$b" addr add 198.18.0.2/24 dev "vB$$"
 for ns in "$a" "$b"; do ip -n "$ns" link set lo up; done
 ip -n "$a" link set "vA$$" up
 ip -n "$b" link set "vB$$" up
-ip netns exec "$a" tc qdisc add dev "vA$$" root tbf rate "$rate" burst 256kb latency 50ms
-ip netns exec "$b" tc qdisc add dev "vB$$" root tbf rate "$rate" burst 256kb latency 50ms
-py="${PYTHON:-python}"
+# The bucket holds 10 ms at the rate (at least 256 kB): a smaller one caps fast links below RATE.
+burst=$("${PYTHON:-python}" -c "from hybridpar.costmodel import parse_rate as p; print(max(262144, int(p('$rate') / 100)))")
+ip netns exec "$a" tc qdisc add dev "vA$$" root tbf rate "$rate" burst "$burst" latency 50ms
+ip netns exec "$b" tc qdisc add dev "vB$$" root tbf rate "$rate" burst "$burst" latency 50ms
 run_node() {  # namespace, interface, node rank, command...
   local ns="$1" ifc="$2" rank="$3"
   shift 3
   # --local-addr: the namespaces cannot reach the address the host name resolves to.
-  ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$ifc" OMP_NUM_THREADS=1 "$py" -m torch.distributed.run \
+  ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$ifc" OMP_NUM_THREADS=1 "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes=2 --nproc_per_node=1 --node_rank="$rank" --rdzv-backend=c10d --rdzv-endpoint=198.18.0.1:29400 \
     --local-addr="198.18.0.$((rank + 1))" --rdzv-id="twohost$$" --rdzv-conf="is_host=$([ "$rank" = 0 ] && echo true || echo false)" "$@"
 }

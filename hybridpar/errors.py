@@ -19,3 +19,7 @@ class PeerAbortedError(HybridparError):
 
 class ConfigError(HybridparError):
     """A configuration value that cannot work."""
+
+
+class PeerLostError(HybridparError):
+    """A real peer stopped responding within the process group's timeout, or left, mid-collective."""

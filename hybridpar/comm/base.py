@@ -116,6 +116,8 @@ class Communicator(ABC):
         Costs one tiny all-gather; every worker raises the same :class:`BatchMismatchError` on a
         mismatch, so no worker is left waiting in a later collective whose shapes disagree.
         """
+        if self.world_size == 1:
+            return  # nothing to compare (and no collective: on a GPU it would cost a host sync)
         t = torch.tensor([len(values), *values], dtype=torch.int64)
         # A length prefix plus fixed padding keeps the message the same shape on every worker
         # even when the tuples differ in length.
@@ -144,12 +146,26 @@ class Communicator(ABC):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _timed(self, fn, *args):
+    def _timed(self, fn, *args, what: str | None = None):
+        what = what or self._last_entry()
         t0 = time.perf_counter()
         try:
             return fn(*args)
+        except RuntimeError as exc:
+            lost = self._peer_lost(exc, what)
+            if lost is None:
+                raise
+            raise lost from exc
         finally:
             self.ledger.seconds += time.perf_counter() - t0
+
+    def _last_entry(self) -> str:
+        e = self.ledger.entries[-1] if self.ledger.entries else None
+        return f"{e.kind} '{e.tag}'" if e else "a collective"
+
+    def _peer_lost(self, exc: RuntimeError, what: str) -> Exception | None:
+        """The error to raise when the backend reports a lost peer; None: not a peer problem."""
+        return None
 
     def _check_sizes(self, sizes: Sequence[int], mine: int, dim: int) -> list[int]:
         sizes = list(sizes)
@@ -194,9 +210,10 @@ class Handle:
 
     def __init__(self, comm: Communicator, finish):
         self._comm, self._finish, self._result, self._done = comm, finish, None, False
+        self._what = comm._last_entry()  # named in the error if a peer is lost while it runs
 
     def wait(self):
         if not self._done:
-            self._result = self._comm._timed(self._finish)
+            self._result = self._comm._timed(self._finish, what=self._what)
             self._done, self._finish = True, None
         return self._result

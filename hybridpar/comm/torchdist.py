@@ -1,9 +1,10 @@
 """The communicator over a torch.distributed process group (NCCL on GPU, gloo on CPU).
 
-Even splits use the backends' native bandwidth-optimal collectives
-(``all_gather_single`` / ``reduce_scatter_single``). Uneven splits (K ∤ width) go through
-``all_to_all_single`` with split sizes: padding to the largest part would put bytes on the
-wire that the ledger does not count, and would make the real traffic depend on padding.
+Even splits use the backends' native bandwidth-optimal collectives (``all_gather_single``, and
+``reduce_scatter_single`` on NCCL). Uneven splits (K ∤ width), and every reduce-scatter on gloo
+(whose reduce-scatter is an all-reduce underneath: twice the bytes), go through
+``all_to_all_single`` with split sizes and a local sum: padding to the largest part would put bytes
+on the wire that the ledger does not count, and would make the real traffic depend on padding.
 """
 
 from __future__ import annotations
@@ -13,12 +14,22 @@ import torch.distributed as dist
 
 from hybridpar.comm.base import Communicator
 from hybridpar.comm.ledger import ByteLedger
+from hybridpar.errors import PeerLostError
 
 
 class DistCommunicator(Communicator):
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group if group is not None else dist.group.WORLD
         super().__init__(dist.get_rank(self.group), dist.get_world_size(self.group), ByteLedger())
+
+    def _peer_lost(self, exc, what):
+        # gloo and NCCL report a peer that stopped responding (the process group's timeout) or
+        # left (a closed connection) as RuntimeError (DistBackendError); say which collective.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return PeerLostError(
+            f"worker {self.rank}: {what} did not complete: a peer stopped responding (parallel.timeout_s) "
+            f"or left [{first[:200]}]"
+        )
 
     def _all_gather(self, x, dim, sizes):
         if len(set(sizes)) == 1:
@@ -30,7 +41,9 @@ class DistCommunicator(Communicator):
         return torch.cat(self._all_to_all([x] * self.world_size, shapes), dim)
 
     def _reduce_scatter(self, x, dim, sizes):
-        if len(set(sizes)) == 1:
+        # gloo's reduce-scatter runs a full all-reduce underneath (2× the bytes, measured on the
+        # link); an all-to-all of the parts and a local sum moves exactly (K-1)/K of the tensor.
+        if len(set(sizes)) == 1 and dist.get_backend(self.group) != "gloo":
             xt = _to_front(x, dim)
             out = xt.new_empty((sizes[0], *xt.shape[1:]))
             dist.reduce_scatter_single(out, xt, group=self.group)

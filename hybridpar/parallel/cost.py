@@ -26,18 +26,31 @@ from hybridpar.comm.base import even_split
 AGREE_BYTES_PER_PEER = 9 * 8
 
 
-def move_elements(kind: str, n: int, betas: Sequence[int], rank: int) -> int:
-    """Elements worker ``rank`` sends (= receives) for one move, forward and backward, when
-    worker k brings ``betas[k]`` examples (``[b] * K`` in scheme (a); one round in (b)/(c))."""
+def move_sent_recv(kind: str, n: int, betas: Sequence[int], rank: int) -> tuple[int, int]:
+    """Elements worker ``rank`` sends and receives in the *forward* direction of one move, when
+    worker k brings ``betas[k]`` examples (``[b] * K`` in scheme (a); one round in (b)/(c)).
+    The backward move is the mirror image: it sends what the forward received, and vice versa."""
     K, B, beta = len(betas), sum(betas), betas[rank]
     s = even_split(n, K)[rank]
-    if kind in ("gather_batch", "scatter_batch"):
-        return n * (B + (K - 2) * beta)
-    if kind in ("reduce_scatter_features", "gather_features"):
-        return B * (n + (K - 2) * s)
-    if kind in ("batch_to_features", "features_to_batch"):
-        return beta * (n - s) + (B - beta) * s
+    if kind == "gather_batch":  # all-gather of rows: own rows to every peer
+        return beta * n * (K - 1), (B - beta) * n
+    if kind == "scatter_batch":  # reduce-scatter of rows: partial sums of the peers' rows out
+        return (B - beta) * n, beta * n * (K - 1)
+    if kind == "gather_features":  # all-gather of feature slices, every example
+        return B * s * (K - 1), B * (n - s)
+    if kind == "reduce_scatter_features":  # reduce-scatter of feature slices, every example
+        return B * (n - s), B * s * (K - 1)
+    if kind == "batch_to_features":  # all-to-all: own rows' other slices out, own slice of peers' rows in
+        return beta * (n - s), (B - beta) * s
+    if kind == "features_to_batch":
+        return (B - beta) * s, beta * (n - s)
     raise ValueError(f"unknown move {kind!r}")
+
+
+def move_elements(kind: str, n: int, betas: Sequence[int], rank: int) -> int:
+    """Elements worker ``rank`` sends (= receives) for one move, forward and backward together."""
+    sent, recv = move_sent_recv(kind, n, betas, rank)
+    return sent + recv
 
 
 def scheme_rounds(scheme: str, b: int, K: int) -> list[list[int]]:

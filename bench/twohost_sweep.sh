@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The two-host benchmark of docs/benchmarks.md in one command (run as root, ~25 min on 2 cores):
+# every scheme (DDP, hybrid a, b, c) at 100 Mbit/s, 1 Gbit/s and 10 Gbit/s, with 16 images per
+# worker and with the largest local batch that keeps a step under ~10 s here (256), then the
+# report: tables and plots in docs/ (bench/twohost_report.py).
+#   PYTHON=.venv/bin/python bench/twohost_sweep.sh [OUT.jsonl]
+# RATES="100mbit" BATCHES="256" re-measures a subset: its lines are appended to OUT.jsonl and
+# replace the earlier ones of the same rate and batch in the report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench/out/twohost.jsonl}"
+mkdir -p "$(dirname "$out")"
+[ -n "${RATES:-}${BATCHES:-}" ] || : >"$out"
+for rate in ${RATES:-100mbit 1gbit 10gbit}; do
+  for batch in ${BATCHES:-16 256}; do
+    if [ "$batch" -le 64 ]; then steps=5 warmup=2; else steps=3 warmup=2; fi
+    echo "== $rate, b = $batch" >&2
+    bash bench/twohost.sh "$rate" bench/schemes.py --batch "$batch" --steps "$steps" --warmup "$warmup" \
+      --schemes a,b,c,ddp --rate "$rate" --json "$out" 2>&1 | grep -v -e '^\[W' -e Warning
+  done
+done
+"${PYTHON:-python}" bench/twohost_report.py "$out"

@@ -1,0 +1,551 @@
+"""Step-time cost model: per-layer compute times, an alpha-beta link, the overlap of each scheme.
+
+    python -m hybridpar.costmodel profile --batch 16 --out profile.json     # measure this device
+    python -m hybridpar.costmodel predict --profile profile.json --rate 1gbit --workers 2 --batch 16
+    python -m hybridpar.costmodel project --profile profile.json --rate 1gbit --batch 128 --max-workers 64
+
+**Compute** comes from a :class:`Profile`: forward and backward seconds per image of each trunk
+stage (a layer with weights plus the weight-free layers after it), the FLOP rate of the head's
+matrix products, and the optimizer's seconds per parameter — measured on the machine it runs on
+(:func:`measure_profile`) or given as JSON. A device ``speed`` times faster divides all of them.
+
+**Communication** is alpha-beta per collective: ``steps · alpha + elements · itemsize / bandwidth``
+with ``steps`` = K−1 (all-gather, reduce-scatter, all-to-all) or 2(K−1) (ring all-reduce), and
+``elements`` the larger of what the busiest worker sends and receives in that direction (every
+worker has its own full-duplex link, e.g. a port on a switch). The element counts are the byte
+formulas of :mod:`hybridpar.parallel.cost`, the same ones the ledger is checked against.
+
+**Overlap** is a two-resource timeline per worker — the processor and the link — replayed in the
+order each scheme issues its work (:func:`step_time`):
+
+* DDP: forward; backward, each gradient bucket's all-reduce issued when its last gradient is ready
+  (25 MB buckets, last layer first); wait; optimizer.
+* hybrid (a): trunk forward; the head's moves block (features out, logits' gradients back); trunk
+  backward with the trunk's bucketed all-reduce issued as in DDP; wait; optimizer.
+* hybrid (b)/(c): K rounds; round j+1's features are issued before round j computes, round j's
+  feature gradients leave while round j+1 computes; the moves inside the head block; then trunk
+  backward with its buckets as in (a).
+
+The processor also pays for the transport where they share cores (``Link.cpu_s_per_byte``): the
+step is at least compute + that. The model has no fitted constants: alpha, the bandwidth and the
+transport's processor time are measured on the link (``bench/schemes.py`` does this before the
+runs it predicts), compute on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from hybridpar.comm.base import even_split
+from hybridpar.parallel.cost import allreduce_bytes, head_moves, move_sent_recv, scheme_rounds
+from hybridpar.parallel.data_parallel import bucket_sizes, trunk_bucket_numels
+from hybridpar.parallel.head import choose_styles
+
+SCHEMES = ("ddp", "a", "b", "c")
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
+GRAD_ITEMSIZE = 4  # gradients are all-reduced in fp32 (fp32 master weights) whatever the compute dtype
+HYBRID_BUCKET_ELEMENTS = 1 << 20  # HybridModel's default bucket_cap (parallel.bucket_mb = 4)
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One trunk stage: seconds per image forward and backward, and its parameter sizes."""
+
+    name: str
+    fwd_s: float
+    bwd_s: float
+    params: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The compute side of the model: what one device does, per image or per FLOP."""
+
+    device: str
+    dtype: str
+    batch: int  # images per timed call when measured
+    trunk: tuple[Stage, ...]
+    head: tuple[tuple[int, int], ...]  # (in, out) of each Linear of the head, in order
+    # Achieved FLOP/s of the head's matrix products, forward and backward (input and weight
+    # gradients), by the number of rows they run on: (rows, fwd, bwd), rows ascending. Few rows
+    # run far below peak (the weights are read for little work), and the schemes differ exactly
+    # in that: (a) runs the head shards on K·b rows, (b)/(c) on b per round, DDP on b.
+    fc_rates: tuple[tuple[int, float, float], ...]
+    opt_s_per_param: float  # one SGD (momentum, weight decay) step over the model, per parameter
+    itemsize: int = 4  # bytes per activation element on the wire (2 under bf16 autocast)
+    notes: str = ""
+
+    def scaled(self, speed: float) -> Profile:
+        """The same network on a device ``speed`` times faster."""
+        return replace(
+            self,
+            trunk=tuple(replace(s, fwd_s=s.fwd_s / speed, bwd_s=s.bwd_s / speed) for s in self.trunk),
+            fc_rates=tuple((r, f * speed, b * speed) for r, f, b in self.fc_rates),
+            opt_s_per_param=self.opt_s_per_param / speed,
+            notes=f"{self.notes} ×{speed:g} speed".strip(),
+        )
+
+    def fc_rate(self, rows: float, backward: bool) -> float:
+        """FLOP/s of the head's products on ``rows`` rows: interpolated in log(rows), clamped."""
+        pts = [(math.log(r), b if backward else f) for r, f, b in self.fc_rates]
+        x = math.log(max(rows, 1e-9))
+        if x <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return pts[-1][1]
+
+    @property
+    def trunk_params(self) -> list[int]:
+        return [n for s in self.trunk for n in s.params]
+
+    @property
+    def head_params(self) -> list[int]:
+        return [n for i, o in self.head for n in (i * o, o)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        d = json.loads(text)
+        d["trunk"] = tuple(Stage(s["name"], s["fwd_s"], s["bwd_s"], tuple(s["params"])) for s in d["trunk"])
+        d["head"] = tuple(tuple(w) for w in d["head"])
+        d["fc_rates"] = tuple(tuple(r) for r in d["fc_rates"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Link:
+    """Alpha-beta: ``alpha_s`` per message step, ``bytes_per_s`` per direction per worker.
+
+    ``cpu_s_per_byte``: processor time the transport itself takes per byte sent or received
+    (socket copies, the sums of a reduction) where it shares the cores that compute — a CPU
+    worker over TCP; ~0 for a GPU whose collectives run on their own engines. A step then takes
+    at least compute + that transport time, however well the rest overlaps."""
+
+    alpha_s: float
+    bytes_per_s: float
+    cpu_s_per_byte: float = 0.0
+
+    def time(self, steps: int, elements: float, itemsize: int) -> float:
+        return steps * self.alpha_s + elements * itemsize / self.bytes_per_s
+
+
+def parse_rate(text: str) -> float:
+    """``'100mbit'``, ``'1gbit'``, ``'10Gbit'``, ``'6GB'`` (bytes), or bits/s as a number → bytes/s."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?)(bit|b|bps)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read the rate {text!r}: use e.g. 100mbit, 1gbit, 10gbit or 6GB")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m.group(2).lower()]
+    unit = m.group(3) or "bit"
+    return value if unit == "B" else value / 8
+
+
+# ---- measuring a profile -----------------------------------------------------------------
+
+
+def trunk_stages(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
+    """The trunk (everything before ``classifier``) cut before each module with weights."""
+    mods: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if name == "classifier":
+            break
+        mods += [(f"{name}.{i}", m) for i, m in enumerate(child)] if isinstance(child, nn.Sequential) else [(name, child)]
+    stages: list[tuple[str, list[nn.Module]]] = []
+    for name, m in mods:
+        if not stages or any(True for _ in m.parameters(recurse=False)):
+            stages.append((name, []))
+        stages[-1][1].append(m)
+    return [(name, nn.Sequential(*ms)) for name, ms in stages]
+
+
+def _timed(fn, device: torch.device, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_profile(model: nn.Module, image_size: int, batch: int, *, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, reps: int = 5, warmup: int = 2) -> Profile:  # fmt: skip
+    """Time each trunk stage (forward, backward), the head's Linear layers and an SGD step.
+
+    ``dtype=torch.bfloat16`` times under autocast (as the trainer's bf16 precision runs)."""
+    dev = torch.device(device)
+    model = model.to(dev)
+    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+    x = torch.randn(batch, 3, image_size, image_size, device=dev)
+    stages = []
+    for i, (name, stage) in enumerate(trunk_stages(model)):
+        inp = x.detach().requires_grad_(i > 0)  # the first layer's input needs no gradient
+        with autocast:
+            out = stage(inp)
+        g = torch.randn_like(out)
+
+        def fwd(stage=stage, inp=inp):
+            with autocast:
+                stage(inp)
+
+        def fwd_bwd(stage=stage, inp=inp, g=g):
+            with autocast:
+                out = stage(inp)
+            out.backward(g)
+
+        for _ in range(warmup):
+            fwd_bwd()
+        t_f = _timed(fwd, dev, reps)
+        t_fb = _timed(fwd_bwd, dev, reps)
+        params = tuple(p.numel() for p in stage.parameters())
+        stages.append(Stage(name, t_f / batch, max(t_fb - t_f, 0.0) / batch, params))
+        x = out.detach().float()
+    head = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    rates = []
+    for rows in sorted({1 << i for i in range(16) if 1 << i <= batch} | {batch}):
+        flops, t_fwd, t_bwd = 0.0, 0.0, 0.0
+        for lin in head:
+            inp = torch.randn(rows, lin.in_features, device=dev, requires_grad=True)
+
+            def fwd(lin=lin, inp=inp):
+                with autocast:
+                    lin(inp)
+
+            def fwd_bwd(lin=lin, inp=inp):
+                with autocast:
+                    out = lin(inp)
+                out.backward(torch.ones_like(out))
+
+            for _ in range(warmup):
+                fwd_bwd()
+            f = _timed(fwd, dev, reps)
+            t_fwd += f
+            t_bwd += max(_timed(fwd_bwd, dev, reps) - f, 1e-9)
+            flops += 2.0 * rows * lin.in_features * lin.out_features
+        rates.append((rows, flops / t_fwd, 2 * flops / t_bwd))
+    # The optimizer over the model's own parameters (their count and sizes set its memory traffic).
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for _ in range(warmup):
+        opt.step()
+    t_opt = _timed(opt.step, dev, reps)
+    n_opt = sum(p.numel() for p in params)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return Profile(
+        device=name, dtype=str(dtype).removeprefix("torch."), batch=batch, trunk=tuple(stages),
+        head=tuple((m.in_features, m.out_features) for m in head), fc_rates=tuple(rates),
+        opt_s_per_param=t_opt / n_opt,
+        itemsize=2 if dtype == torch.bfloat16 else 4,
+    )  # fmt: skip
+
+
+# ---- the timeline ------------------------------------------------------------------------
+
+
+@dataclass
+class _Timeline:
+    """One worker's processor and link: work runs in issue order on each; a collective starts
+    when it is issued and the link is free; waiting for one stalls the processor."""
+
+    cpu: float = 0.0
+    link: float = 0.0
+    compute: float = 0.0
+    comm: float = 0.0
+    inflight: list[float] = field(default_factory=list)
+
+    def run(self, seconds: float) -> None:
+        self.cpu += seconds
+        self.compute += seconds
+
+    def issue(self, seconds: float) -> float:
+        self.link = max(self.cpu, self.link) + seconds
+        self.comm += seconds
+        return self.link
+
+    def wait(self, done: float) -> None:
+        self.cpu = max(self.cpu, done)
+
+    def blocking(self, seconds: float) -> None:
+        self.wait(self.issue(seconds))
+
+
+@dataclass(frozen=True)
+class StepTime:
+    step_s: float  # predicted step time
+    compute_s: float  # processor busy time (forward, backward, optimizer)
+    comm_s: float  # link busy time (all collectives, alpha included)
+    bytes_sent: int  # per worker (rank 0), all collectives
+
+    @property
+    def exposed_s(self) -> float:
+        return self.step_s - self.compute_s
+
+
+def _steps(kind: str, K: int) -> int:
+    return 2 * (K - 1) if kind == "all_reduce" else K - 1
+
+
+def _move_time(link: Link, kind: str, n: int, betas: Sequence[int], itemsize: int, backward: bool) -> tuple[float, int]:
+    """Seconds of one head move (forward or its backward mirror) and the elements rank 0 sends.
+
+    The slowest worker sets the pace: the most any worker sends or receives in that direction."""
+    K = len(betas)
+    per_rank = [move_sent_recv(kind, n, betas, r) for r in range(K)]
+    if backward:
+        per_rank = [(r, s) for s, r in per_rank]
+    busiest = max(max(s, r) for s, r in per_rank)
+    return link.time(_steps(kind, K), busiest, itemsize), per_rank[0][0]
+
+
+def _allreduce_time(link: Link, n: int, K: int) -> float:
+    return link.time(_steps("all_reduce", K), max(allreduce_bytes(n, K, r, 1) for r in range(K)), GRAD_ITEMSIZE)
+
+
+def _head_program(widths: Sequence[tuple[int, int]], styles: Sequence[str]) -> list[tuple]:
+    """The head as ``shard_head`` lays it out: ``('linear', i)`` and ``('move', kind, width)``."""
+    moves = iter(head_moves(widths, styles))
+    program: list[tuple] = []
+    for i, style in enumerate(styles):
+        if style == "col" or i == 0:
+            program.append(("move", *next(moves)))
+        program.append(("linear", i))
+        if style == "row":
+            program.append(("move", *next(moves)))
+    program += [("move", *m) for m in moves]
+    return program
+
+
+def _linear_flops(n_in: int, n_out: int, style: str, rows: int, K: int) -> float:
+    """Forward FLOPs of this worker's shard of one Linear on ``rows`` examples (worker 0's shard)."""
+    return 2.0 * rows * (n_in * even_split(n_out, K)[0] if style == "col" else even_split(n_in, K)[0] * n_out)
+
+
+def _backward_with_buckets(tl: _Timeline, link: Link, stages_bwd: Sequence[tuple[float, Sequence[int]]],
+                           bucket_cap: int, K: int, overlap: bool = True) -> list[float]:  # fmt: skip
+    """Run the backward stages (last first); issue each bucket's all-reduce when its last
+    gradient is ready (and wait for it at once unless ``overlap``). Buckets as
+    :func:`bucket_sizes` forms them over the forward order."""
+    numels = [n for _, params in reversed(stages_bwd) for n in params]  # forward order
+    buckets = bucket_sizes(numels, bucket_cap)
+    bucket_of = {i: b for b, idx in enumerate(buckets) for i in idx}
+    missing = [len(idx) for idx in buckets]
+    done, index = [], len(numels)
+    for seconds, params in stages_bwd:
+        tl.run(seconds)
+        index -= len(params)
+        for i in range(index, index + len(params)):
+            b = bucket_of[i]
+            missing[b] -= 1
+            if missing[b] == 0 and K > 1:
+                done.append(tl.issue(_allreduce_time(link, sum(numels[j] for j in buckets[b]), K)))
+                if not overlap:
+                    tl.wait(done[-1])
+    return done
+
+
+def step_time(profile: Profile, link: Link, scheme: str, K: int, b: int, *, plan: str | Sequence[str] = "min_bytes",
+              overlap: bool = True, bucket_cap: int = HYBRID_BUCKET_ELEMENTS) -> StepTime:  # fmt: skip
+    """Predicted time of one training step with ``K`` workers, ``b`` images each."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    tl, isz = _Timeline(), profile.itemsize
+    widths = list(profile.head)
+    trunk_fwd = sum(s.fwd_s for s in profile.trunk) * b
+    trunk_bwd = [(s.bwd_s * b, s.params) for s in reversed(profile.trunk)]
+    sent = 0
+
+    def linear(i: int, style: str, rows: int, backward: bool) -> None:
+        f = _linear_flops(*widths[i], style, rows, K)
+        # The rate goes by rows, not FLOPs: a product of ``rows`` examples with a weight (shard)
+        # does ~rows/2 FLOPs per weight byte read whatever the shard's width, so a shard on K·b
+        # rows runs like the full layer on K·b rows (roofline), and a round of b/K·K rows slower.
+        tl.run((2 * f if backward else f) / profile.fc_rate(rows, backward))
+
+    if scheme == "ddp":
+        tl.run(trunk_fwd + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False))
+        head_bwd = [(4.0 * b * i * o / profile.fc_rate(b, True), (i * o, o)) for i, o in reversed(widths)]
+        done = _backward_with_buckets(tl, link, head_bwd + trunk_bwd, DDP_BUCKET_BYTES // GRAD_ITEMSIZE, K)
+        sent = allreduce_bytes(profile.trunk_params + profile.head_params, K, 0, GRAD_ITEMSIZE)
+        n_opt = sum(profile.trunk_params) + sum(profile.head_params)
+    else:
+        styles = choose_styles(widths, K, plan)
+        program = _head_program(widths, styles)
+        if K > 1:
+            tl.blocking(link.time(K - 1, 9, 8))  # the batch-shape agreement
+            sent += (K - 1) * 72
+        tl.run(trunk_fwd)
+        rounds = scheme_rounds(scheme, b, K) if K > 1 else [[b]]
+
+        def head_pass(betas: Sequence[int], body: Sequence[tuple], backward: bool) -> None:
+            nonlocal sent
+            for op in reversed(body) if backward else body:
+                if op[0] == "linear":
+                    linear(op[1], styles[op[1]], sum(betas), backward)
+                elif K > 1:
+                    seconds, elements = _move_time(link, op[1], op[2], betas, isz, backward)
+                    tl.blocking(seconds)
+                    sent += elements * isz
+
+        if scheme == "a" or K == 1:
+            head_pass([b] * K, program, False)
+            head_pass([b] * K, program, True)
+        else:
+            first, body = program[0], program[1:]
+
+            def issue(j: int, backward: bool) -> float:
+                nonlocal sent
+                seconds, elements = _move_time(link, first[1], first[2], rounds[j], isz, backward)
+                sent += elements * isz
+                return tl.issue(seconds)
+
+            pending = {0: issue(0, False)}
+            returns = []
+            for j in range(K):
+                if overlap and j + 1 < K:
+                    pending[j + 1] = issue(j + 1, False)
+                tl.wait(pending.pop(j))
+                head_pass(rounds[j], body, False)
+                head_pass(rounds[j], body, True)
+                returns.append(issue(j, True))
+                if not overlap:
+                    tl.wait(returns[-1])
+                    if j + 1 < K:
+                        pending[j + 1] = issue(j + 1, False)
+            tl.wait(max(returns))
+        done = _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, overlap)
+        sent += allreduce_bytes(trunk_bucket_numels(profile.trunk_params, bucket_cap), K, 0, GRAD_ITEMSIZE)
+        # This worker's head shard: weight elements (FLOPs of one row / 2) and its bias slice.
+        shard = sum(_linear_flops(i, o, s, 1, K) / 2 + even_split(o, K)[0] for (i, o), s in zip(widths, styles))
+        n_opt = sum(profile.trunk_params) + shard
+    for t in done:
+        tl.wait(t)
+    tl.run(n_opt * profile.opt_s_per_param)
+    transport = link.cpu_s_per_byte * 2 * sent  # every worker receives about what it sends
+    return StepTime(max(tl.cpu, tl.compute + transport), tl.compute, tl.comm, int(sent))
+
+
+def single_device_time(profile: Profile, b: int) -> float:
+    """One device, no communication: the baseline every speedup is measured against."""
+    return step_time(profile, Link(0.0, math.inf), "ddp", 1, b).step_s
+
+
+def speedup(profile: Profile, link: Link, scheme: str, K: int, b: int, **kw) -> float:
+    """Throughput of K workers (b images each) over one device's throughput at b images."""
+    return K * single_device_time(profile, b) / step_time(profile, link, scheme, K, b, **kw).step_s
+
+
+# ---- the paper's setting -----------------------------------------------------------------
+
+
+def alexnet_profile_from_speed(images_per_s: float, reference: Profile) -> Profile:
+    """``reference`` scaled so that one device trains ``images_per_s`` at the reference's batch."""
+    return reference.scaled(reference.batch / single_device_time(reference, reference.batch) / images_per_s)
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+
+
+def _cmd_profile(args) -> None:
+    from hybridpar.models import alexnet, build_seeded
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    model = build_seeded(lambda: alexnet(1000, dropout=0.0), 0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    prof = measure_profile(model, args.image_size, args.batch, device=args.device, dtype=dtype, reps=args.reps)
+    text = prof.to_json()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text if not args.out else f"profile of {prof.device} ({prof.dtype}, b = {prof.batch}) written to {args.out}")
+
+
+def _load(args) -> tuple[Profile, Link]:
+    with open(args.profile) as f:
+        prof = Profile.from_json(f.read())
+    if args.speed != 1.0:
+        prof = prof.scaled(args.speed)
+    return prof, Link(args.alpha_us * 1e-6, parse_rate(args.rate) * args.efficiency, args.cpu_ns_per_byte * 1e-9)
+
+
+def _cmd_predict(args) -> None:
+    prof, link = _load(args)
+    print(f"{prof.device} ({prof.dtype}); link {args.rate} (alpha {args.alpha_us:g} us); K = {args.workers}, b = {args.batch}")
+    print("| scheme | step s | compute s | link busy s | exposed comm s | MB sent/worker |")
+    print("|---|---|---|---|---|---|")
+    for s in args.schemes.split(","):
+        t = step_time(prof, link, s, args.workers, args.batch, plan=args.plan)
+        print(f"| {s} | {t.step_s:.3f} | {t.compute_s:.3f} | {t.comm_s:.3f} | {t.exposed_s:.3f} | {t.bytes_sent / 1e6:.2f} |")
+
+
+def _cmd_project(args) -> None:
+    prof, link = _load(args)
+    schemes = args.schemes.split(",")
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.max_workers]
+    print(f"{prof.device} ({prof.dtype}); link {args.rate} per worker (alpha {args.alpha_us:g} us); b = {args.batch}; "
+          f"one device: {single_device_time(prof, args.batch):.3f} s/step")  # fmt: skip
+    print("| K | " + " | ".join(f"speedup {s}" for s in schemes) + " |")
+    print("|---|" + "---|" * len(schemes))
+    for k in ks:
+        print(f"| {k} | " + " | ".join(f"{speedup(prof, link, s, k, args.batch, plan=args.plan):.2f}" for s in schemes) + " |")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m hybridpar.costmodel", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("profile", help="measure per-layer compute times of AlexNet on this device")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out")
+    for name, fn in (("predict", _cmd_predict), ("project", _cmd_project)):
+        q = sub.add_parser(name)
+        q.set_defaults(fn=fn)
+        q.add_argument("--profile", required=True, help="JSON written by 'profile'")
+        q.add_argument("--rate", default="1gbit", help="link rate per worker and direction, e.g. 100mbit, 10gbit, 6GB")
+        q.add_argument("--alpha-us", type=float, default=50.0, help="latency per message step, microseconds")
+        q.add_argument("--efficiency", type=float, default=1.0, help="fraction of the rate that carries payload")
+        q.add_argument("--cpu-ns-per-byte", type=float, default=0.0, help="processor time of the transport per byte moved")
+        q.add_argument("--speed", type=float, default=1.0, help="device speed relative to the profile's")
+        q.add_argument("--batch", type=int, default=128)
+        q.add_argument("--plan", default="min_bytes")
+        q.add_argument("--schemes", default=",".join(SCHEMES))
+        if name == "predict":
+            q.add_argument("--workers", type=int, default=2)
+        else:
+            q.add_argument("--max-workers", type=int, default=64)
+    p.set_defaults(fn=_cmd_profile)
+    args = ap.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, OSError) as e:
+        print(f"hybridpar.costmodel: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

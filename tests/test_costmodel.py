@@ -1,0 +1,175 @@
+"""The cost model: per-direction byte formulas against the ledger, the timeline's invariants,
+a hand-computed step, profiles, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybridpar import costmodel as cm
+from hybridpar.comm import run_emulated
+from hybridpar.models import alexnet_small, build_seeded
+from hybridpar.parallel import HybridModel
+from hybridpar.parallel.cost import ddp_step_bytes, hybrid_step_bytes, move_sent_recv, scheme_rounds
+from hybridpar.parallel.data_parallel import trunk_bucket_numels
+from hybridpar.parallel.head import Move, choose_styles
+from hybridpar.verify import Case
+
+KINDS = ("gather_batch", "scatter_batch", "gather_features", "reduce_scatter_features", "batch_to_features", "features_to_batch")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_element_sent_is_received(kind):
+    for K, n, betas in ((2, 10, [3, 3]), (3, 7, [2, 0, 5]), (4, 9, [1, 2, 3, 4]), (5, 12, [0, 0, 6, 0, 0])):
+        flows = [move_sent_recv(kind, n, betas, r) for r in range(K)]
+        assert sum(s for s, _ in flows) == sum(r for _, r in flows) > 0, (kind, K, flows)
+
+
+def _direction_worker(comm, case: Case):
+    hybrid = HybridModel(case.model(), comm, plan=case.plan)
+    opt = torch.optim.SGD(hybrid.parameters(), lr=0.01)
+    x, y = case.batches()[0]
+    lo, hi = comm.rank * case.local_batch, (comm.rank + 1) * case.local_batch
+    comm.ledger.reset()
+    hybrid.train_step(x[lo:hi], y[lo:hi], scheme=case.scheme, optimizer=opt)
+    return [op for op in hybrid.program if isinstance(op, Move)], comm.ledger.by_tag()
+
+
+@pytest.mark.parametrize("scheme", ["a", "b", "c"])
+@pytest.mark.parametrize("plan", ["min_bytes", "paper"])
+@pytest.mark.parametrize("K", [2, 3])
+def test_per_direction_formula_matches_the_ledger(K, plan, scheme):
+    """What each move sends and receives forward, and its mirror backward, per worker and tag."""
+    case = Case(K, plan=plan, local_batch=5, scheme=scheme)
+    rounds = scheme_rounds(scheme, case.local_batch, K)  # every move runs once per round
+    for rank, (moves, by_tag) in enumerate(run_emulated(K, _direction_worker, case)):
+        for move in moves:
+            flows = [move_sent_recv(move.kind, move.width, betas, rank) for betas in rounds]
+            sent, recv = 4 * sum(s for s, _ in flows), 4 * sum(r for _, r in flows)
+            assert by_tag[move.tag] == (sent, recv), (rank, move, by_tag)
+            assert by_tag[move.tag + ".grad"] == (recv, sent), (rank, move, by_tag)
+
+
+def _toy_profile(**kw) -> cm.Profile:
+    base = dict(
+        device="toy", dtype="float32", batch=1,
+        trunk=(cm.Stage("c1", 1e-3, 2e-3, (1000, 10)), cm.Stage("c2", 2e-3, 4e-3, (3000, 30))),
+        head=((100, 50), (50, 10)), fc_rates=((1, 1e9, 1e9),), opt_s_per_param=1e-8,
+    )  # fmt: skip
+    return cm.Profile(**(base | kw))
+
+
+def test_one_device_step_is_its_compute():
+    prof = _toy_profile()
+    b = 4
+    fwd = b * 3e-3 + 2 * b * (100 * 50 + 50 * 10) / 1e9
+    bwd = b * 6e-3 + 4 * b * (100 * 50 + 50 * 10) / 1e9
+    opt = (4040 + 100 * 50 + 50 + 50 * 10 + 10) * 1e-8
+    for scheme in cm.SCHEMES:
+        t = cm.step_time(prof, cm.Link(1e-3, 1e6), scheme, 1, b)
+        assert t.step_s == pytest.approx(fwd + bwd + opt, rel=1e-12), scheme
+        assert t.comm_s == 0 and t.bytes_sent == 0
+    assert cm.speedup(prof, cm.Link(1e-3, 1e6), "a", 1, b) == pytest.approx(1.0)
+
+
+def test_ddp_step_by_hand():
+    """K = 2, everything in one bucket: forward, backward, then the whole all-reduce, optimizer."""
+    prof = _toy_profile()
+    b, link = 4, cm.Link(1e-4, 1e5)
+    n = 4040 + 5050 + 510
+    compute = b * 9e-3 + 6 * b * 5500 / 1e9 + n * 1e-8
+    comm = 2 * 1e-4 + n * 4 / 1e5  # K = 2: 2 ring steps, n elements each way
+    t = cm.step_time(prof, link, "ddp", 2, b)
+    assert t.comm_s == pytest.approx(comm)
+    assert t.step_s == pytest.approx(compute + comm)  # the single bucket is ready only at the end
+    assert t.bytes_sent == ddp_step_bytes(n, 2)
+
+
+@pytest.mark.parametrize("scheme", ["a", "b", "c"])
+@pytest.mark.parametrize("K", [2, 3, 4, 8])
+def test_timeline_invariants_and_bytes(scheme, K):
+    prof = _toy_profile()
+    b = 6
+    for link in (cm.Link(1e-5, 1e6), cm.Link(1e-3, 1e9), cm.Link(0.0, 1e4)):
+        over = cm.step_time(prof, link, scheme, K, b)
+        serial = cm.step_time(prof, link, scheme, K, b, overlap=False)
+        # Everything issued is waited for; compute and the link each run one thing at a time.
+        assert over.step_s >= max(over.compute_s, over.comm_s) - 1e-12
+        assert serial.step_s >= over.step_s - 1e-12
+        if scheme == "a":
+            assert serial.step_s == pytest.approx(serial.compute_s + serial.comm_s)  # nothing overlaps
+        widths = list(prof.head)
+        expected = hybrid_step_bytes(widths, choose_styles(widths, K), trunk_bucket_numels(prof.trunk_params),
+                                     b, K, 0, scheme=scheme)  # fmt: skip
+        assert over.bytes_sent == expected
+    # No link cost: the hybrid step is its compute.
+    free = cm.step_time(prof, cm.Link(0.0, float("inf")), scheme, K, b)
+    assert free.step_s == pytest.approx(free.compute_s)
+
+
+def test_overlap_hides_the_trunk_allreduce_behind_backward():
+    """Two trunk buckets: the later layer's gradients travel while the first layer's backward runs."""
+    prof = _toy_profile(trunk=(cm.Stage("c1", 0.0, 1.0, (1 << 20,)), cm.Stage("c2", 0.0, 1.0, (1 << 20,))),
+                        head=((8, 4),), fc_rates=((1, 1e30, 1e30),), opt_s_per_param=0.0)  # fmt: skip
+    link = cm.Link(0.0, 4 * (1 << 20))  # one bucket (2^20 fp32 elements, K = 2) per second
+    t = cm.step_time(prof, link, "a", 2, 1)
+    # c2 backward [0, 1] → its bucket [1, 2] while c1 backward [1, 2] → c1's bucket [2, 3].
+    assert t.step_s == pytest.approx(3.0, rel=1e-3)
+    assert cm.step_time(prof, link, "a", 2, 1, overlap=False).step_s == pytest.approx(4.0, rel=1e-3)
+
+
+def test_transport_processor_time_bounds_the_step():
+    """Where the transport shares the cores, the step is at least compute + its processor time."""
+    prof = _toy_profile()
+    fast = cm.Link(1e-6, 1e12)
+    busy = cm.Link(1e-6, 1e12, cpu_s_per_byte=1e-6)
+    t0, t1 = cm.step_time(prof, fast, "ddp", 2, 4), cm.step_time(prof, busy, "ddp", 2, 4)
+    assert t1.step_s == pytest.approx(t1.compute_s + 2 * t1.bytes_sent * 1e-6)
+    assert t1.step_s > t0.step_s
+
+
+def test_fc_rate_interpolates_and_clamps():
+    prof = _toy_profile(fc_rates=((2, 1.0, 10.0), (8, 3.0, 30.0)))
+    assert prof.fc_rate(1, False) == 1.0 and prof.fc_rate(100, True) == 30.0
+    assert prof.fc_rate(4, False) == pytest.approx(2.0)  # halfway in log(rows)
+    assert prof.scaled(2.0).fc_rate(4, True) == pytest.approx(40.0)
+
+
+def test_measured_profile_round_trips_and_predicts():
+    model = build_seeded(lambda: alexnet_small(10, dropout=0.0, channels=(8, 16, 24, 16, 16), hidden=32), 0)
+    prof = cm.measure_profile(model, 32, 4, reps=1, warmup=1)
+    assert [s.name for s in prof.trunk] == ["features.0", "features.3", "features.6", "features.8", "features.10"]
+    assert all(s.fwd_s > 0 and s.bwd_s >= 0 for s in prof.trunk)
+    assert sum(prof.trunk_params) == sum(p.numel() for n, p in model.named_parameters() if n.startswith("features"))
+    assert prof.head == ((16 * 3 * 3, 32), (32, 32), (32, 10))
+    again = cm.Profile.from_json(prof.to_json())
+    assert again == prof
+    assert cm.step_time(again, cm.Link(1e-4, 1e8), "c", 3, 4).step_s > 0
+
+
+def test_parse_rate():
+    assert cm.parse_rate("100mbit") == pytest.approx(12.5e6)
+    assert cm.parse_rate("1gbit") == pytest.approx(125e6)
+    assert cm.parse_rate("10Gbit") == pytest.approx(1.25e9)
+    assert cm.parse_rate("6GB") == pytest.approx(6e9)
+    with pytest.raises(ValueError, match="cannot read the rate"):
+        cm.parse_rate("fast")
+
+
+def test_cli_predict_and_bad_input(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(_toy_profile().to_json())
+    out = subprocess.run([sys.executable, "-m", "hybridpar.costmodel", "predict", "--profile", str(path),
+                          "--rate", "1gbit", "--workers", "3", "--batch", "6"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| scheme")]
+    assert [r.split("|")[1].strip() for r in rows] == ["ddp", "a", "b", "c"]
+    expected = cm.step_time(_toy_profile(), cm.Link(50e-6, 125e6), "a", 3, 6).step_s
+    assert float(rows[1].split("|")[2]) == pytest.approx(expected, abs=1e-3)
+    bad = subprocess.run([sys.executable, "-m", "hybridpar.costmodel", "project", "--profile", str(path), "--rate", "fast"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["hybridpar.costmodel: error: cannot read the rate 'fast': use e.g. 100mbit, 1gbit, 10gbit or 6GB"]
+    assert json.loads(path.read_text())["device"] == "toy"

@@ -71,6 +71,21 @@ class Schedule:
         if self.per_step is not None and (self.kind != "plateau" or self._steps <= self.warmup):
             self.per_step.step()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the schedule needs to continue where it stood (for checkpoints)."""
+        return {
+            "steps": self._steps,
+            "per_step": self.per_step.state_dict() if self.per_step is not None else None,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._steps = int(state.get("steps", 0))
+        if self.per_step is not None and state.get("per_step") is not None:
+            self.per_step.load_state_dict(state["per_step"])
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
+
     def after_eval(self, val: Mapping[str, float]) -> None:
         """Called after each held-out evaluation (``val_loss``, ``val_top1``); plateau schedule only."""
         if self.plateau is not None and self._steps >= self.warmup:

@@ -50,6 +50,17 @@ def _threads_per_worker(workers_on_this_host: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers_on_this_host))
 
 
+def _attempt_store(timeout_s: float) -> dist.Store:
+    """torchrun's store, seen through a prefix unique to this attempt.
+
+    After a restart under ``--max-restarts`` the workers reuse the agent's store, which still
+    holds the previous attempt's process-group keys (the dead workers' addresses): without a
+    fresh prefix the new group connects to them and fails ("Connection refused"). Every worker
+    of one attempt has the same restart count."""
+    store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    return dist.PrefixStore(f"hybridpar/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
 def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int, timeout_s: float) -> Any:
     """Run ``fn(comm, device)`` on every worker; return this process's result (rank 0's when emulated)."""
     check_launch(emulate)
@@ -62,7 +73,8 @@ def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int
         else:
             device, backend = torch.device("cpu"), "gloo"
             torch.set_num_threads(_threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))  # fmt: skip
         try:
             result = fn(DistCommunicator(), device)
             dist.barrier()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import logging
+import math
+import os
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from hybridpar import checkpoint
 from hybridpar.comm import Communicator, DistCommunicator
 from hybridpar.data import build_datasets, eval_batches, train_loader
 from hybridpar.errors import ConfigError, HybridparError
@@ -40,6 +43,10 @@ LR_SCALES = {"none": lambda K: 1.0, "sqrt": math.sqrt, "linear": float}
 
 class SetupFailed(HybridparError):
     """Another worker could not set up; this one stops with it."""
+
+
+class NonFiniteLoss(HybridparError):
+    """The loss of a step is NaN or infinite (and trainer.skip_nonfinite is off)."""
 
 
 @dataclass
@@ -123,6 +130,8 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     b = local_batch_size(cfg.data, K)
     data = build_datasets(cfg.data)
     full = build_model(cfg.model, data.num_classes, data.in_channels, cfg.seed)
+    if cfg.model.get("init_from"):
+        _init_from(full, cfg.model.init_from)
     trunk_names, _ = split_trunk_head(full)
 
     if cfg.parallel.scheme != "ddp":
@@ -157,6 +166,27 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     return Setup(model, plain, optimizer, b, loader, data.val, data.num_classes)
 
 
+def _init_from(model: nn.Module, path: str) -> None:
+    """Start from a plain single-device state_dict (e.g. torchvision's AlexNet trained elsewhere);
+    the hybrid shards it when it wraps the model."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"model.init_from={path}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - anything unreadable or with code in it
+        raise ConfigError(f"model.init_from={path} is not a state_dict file torch can load safely ({type(exc).__name__}: {exc})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"model.init_from={path} does not hold a state_dict (name -> tensor)")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ConfigError(f"model.init_from={path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, t in sd.items():
+        if t.shape != own[name].shape:
+            raise ConfigError(f"model.init_from={path} does not fit this model: {name} is {list(t.shape)} there, {list(own[name].shape)} here")
+    model.load_state_dict(sd, strict=True)
+
+
 def _plan(plan: Any) -> Any:
     return tuple(plan) if OmegaConf.is_list(plan) or isinstance(plan, list | tuple) else plan
 
@@ -171,23 +201,26 @@ def evaluate(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup
     """Exact held-out loss, top-1 and top-5 over every held-out example once."""
     s.plain.eval()
     k5 = min(5, s.num_classes)
-    totals = torch.zeros(4, dtype=torch.float64)
+    totals = torch.zeros(5, dtype=torch.float64)
+    batches = eval_batches(
+        s.val, local_batch=s.local_batch, rank=comm.rank, world_size=comm.world_size,
+        num_workers=cfg.data.get("num_workers", 0),
+    )  # fmt: skip
     with torch.no_grad(), _autocast(device, cfg.trainer.precision):
-        for x, y, valid in eval_batches(
-            s.val, local_batch=s.local_batch, rank=comm.rank, world_size=comm.world_size,
-            num_workers=cfg.data.get("num_workers", 0),
-        ):  # fmt: skip
+        for x, y, valid in batches:
             x, y, valid = x.to(device), y.to(device), valid.to(device)
             logits = s.plain(x).float()
             ce = F.cross_entropy(logits, y, reduction="none")
             top = logits.topk(k5, dim=1).indices
             hit1 = top[:, 0] == y
             hit5 = (top == y[:, None]).any(dim=1)
-            totals += torch.stack([ce[valid].sum(), hit1[valid].sum(), hit5[valid].sum(), valid.sum()]).double().cpu()
+            totals[:4] += torch.stack([ce[valid].sum(), hit1[valid].sum(), hit5[valid].sum(), valid.sum()]).double().cpu()
+    totals[4] = getattr(batches, "skipped", 0)  # unreadable held-out files (left out of the metrics)
     totals = comm.all_reduce(totals, tag="metrics") if comm.world_size > 1 else totals
-    loss, top1, top5, n = totals.tolist()
+    loss, top1, top5, n, unreadable = totals.tolist()
     s.plain.train()
-    return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": top5 / n, "val_examples": int(n)}
+    return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": top5 / n, "val_examples": int(n),
+            "val_unreadable": int(unreadable)}  # fmt: skip
 
 
 def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -202,6 +235,11 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
     total = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
     schedule = Schedule(s.optimizer, cfg.optim, steps_per_epoch, total)
     hybrid = cfg.parallel.scheme != "ddp"
+    ck = cfg.get("checkpoint") or {}
+    ckpt_root = Path(ck.get("dir") or run_dir / "checkpoints")
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    start = _agreed(comm, lambda: _resume(comm, cfg, ckpt_root, s, schedule))
+    fault = _fault(comm)
     emulated_ddp = not hybrid and not isinstance(s.model, nn.parallel.DistributedDataParallel) and K > 1
 
     run = _wandb_run(cfg, run_dir) if rank0 else None
@@ -209,7 +247,18 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
     metrics_file = (run_dir / "metrics.jsonl").open("a") if rank0 else None
     meter = Meter()
     loss_sum, loss_n, train_loss, last_val = 0.0, 0, float("nan"), {}
-    step, epoch = 0, 0
+    step, epoch, skip = (start.step, start.epoch, start.step_in_epoch) if start else (0, 0, 0)
+    skipped_steps, saved_at = 0, step if start else None
+
+    def save() -> None:
+        nonlocal saved_at
+        position = checkpoint.Position(step, step // steps_per_epoch, step % steps_per_epoch)
+        path = checkpoint.save(comm, ckpt_root, model=s.model if hybrid else s.plain, plain=s.plain,
+                               optimizer=s.optimizer, position=position, schedule_state=schedule.state_dict(),
+                               scheme=cfg.parallel.scheme, config_yaml=config_yaml, keep_last=ck.get("keep_last"))  # fmt: skip
+        saved_at = step
+        if rank0:
+            log.info("step %d: checkpoint %s", step, path)
     log.info("world size %d (%s), scheme %s, %d images per worker, %d steps per epoch, %d steps",
              K, "emulated" if not isinstance(comm, DistCommunicator) else "torch.distributed",
              cfg.parallel.scheme, s.local_batch, steps_per_epoch, total)  # fmt: skip
@@ -224,9 +273,12 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
 
     try:
         while step < total:
-            s.loader.sampler.set_epoch(epoch)
+            # Resumed mid-epoch: the batches before ``skip`` were trained on before the checkpoint.
+            s.loader.start_epoch(epoch, skip)
             for x, y in s.loader:
                 comm.ledger.reset()
+                if fault.get("nan") == step + 1 and comm.rank == 0:
+                    x = x.clone().fill_(float("nan"))
                 t0 = time.perf_counter()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 s.optimizer.zero_grad(set_to_none=True)
@@ -244,19 +296,34 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                     loss.backward()
                     if emulated_ddp:
                         _average_gradients(s.plain, comm)
-                s.optimizer.step()
+                step_comm_s, step_bytes = comm.ledger.seconds, comm.ledger.sent
+                if not _all_finite(comm, loss):
+                    # Every worker sees the same verdict (one tiny all-reduce), so all skip or all stop.
+                    if not cfg.trainer.get("skip_nonfinite", False):
+                        last = f"step {saved_at}" if saved_at is not None else "none written yet"
+                        raise NonFiniteLoss(f"non-finite loss at step {step + 1} (epoch {epoch}); stopped before the update "
+                                            f"(last checkpoint: {last}, intact); trainer.skip_nonfinite=true skips such steps")  # fmt: skip
+                    if rank0:
+                        log.warning("step %d: non-finite loss, step skipped (no update)", step + 1)
+                    s.optimizer.zero_grad(set_to_none=True)
+                    skipped_steps += 1
+                else:
+                    s.optimizer.step()
                 schedule.after_step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - t0
                 meter.step_s.append(dt)
-                meter.comm_s.append(comm.ledger.seconds)
-                meter.comm_bytes.append(comm.ledger.sent)
+                meter.comm_s.append(step_comm_s)
+                meter.comm_bytes.append(step_bytes)
                 meter.train_s += dt
                 meter.images += x.shape[0] * K
-                loss_sum += loss.item()
-                loss_n += 1
+                if math.isfinite(loss.item()):
+                    loss_sum += loss.item()
+                    loss_n += 1
                 step += 1
+                if fault.get("kill") == step:
+                    os.kill(os.getpid(), signal.SIGKILL)  # fault injection (HYBRIDPAR_FAULT), tests only
                 if bar is not None:
                     bar.update(1)
 
@@ -279,11 +346,22 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                     last_val = evaluate(comm, device, cfg, s)
                     schedule.after_eval(last_val)
                     emit({"step": step, "epoch": epoch, **{f"val/{k[4:]}": v for k, v in last_val.items()}})
-                    log.info("step %d epoch %d: train loss %.4f, held-out top-1 %.4f top-5 %.4f",
-                             step, epoch, train_loss, last_val["val_top1"], last_val["val_top5"])  # fmt: skip
+                    if rank0:
+                        log.info("step %d epoch %d: train loss %.4f, held-out top-1 %.4f top-5 %.4f",
+                                 step, epoch, train_loss, last_val["val_top1"], last_val["val_top5"])  # fmt: skip
+                ck_every = ck.get("every_steps")
+                if (ck_every and step % ck_every == 0) or step >= total:
+                    save()
                 if step >= total:
                     break
-            epoch += 1
+            epoch, skip = epoch + 1, 0
+        if not last_val:  # resumed from the run's final checkpoint: nothing left to train
+            last_val = evaluate(comm, device, cfg, s)
+        # Training images whose file could not be read (each replaced by a readable one), all workers.
+        unreadable = torch.tensor([float(getattr(s.loader, "skipped", 0))], dtype=torch.float64)
+        unreadable = int((comm.all_reduce(unreadable, tag="metrics") if K > 1 else unreadable).item())
+        if unreadable and rank0:
+            log.warning("%d training images could not be read and were replaced (listed above)", unreadable)
     finally:
         if bar is not None:
             bar.close()
@@ -300,12 +378,64 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
         "step_s": meter.median("step_s"), "comm_s_per_step": meter.median("comm_s"),
         "compute_s_per_step": max(0.0, meter.median("step_s") - meter.median("comm_s")),
         "comm_bytes_per_step": int(meter.median("comm_bytes")),
-        "lr": learning_rates(s.optimizer),
+        "lr": learning_rates(s.optimizer), "resumed_from_step": start.step if start else None,
+        "skipped_nonfinite_steps": skipped_steps, "unreadable_train_images": unreadable,
+        "unreadable_val_images": last_val.get("val_unreadable", 0), "checkpoint": str(ckpt_root / f"step-{saved_at:08d}") if saved_at else None,
     }  # fmt: skip
     if run is not None:
         run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
         run.finish()
     return summary if rank0 else None
+
+
+def _resume(comm: Communicator, cfg: DictConfig, root: Path, s: Setup, schedule: Schedule) -> checkpoint.Position | None:
+    """Find the checkpoint to continue from (``checkpoint.resume``: auto | none | a path) and load
+    it. Worker 0 chooses and tells the others, so all load the same one."""
+    choice = str((cfg.get("checkpoint") or {}).get("resume", "none") or "none")
+    found, error = None, None
+    if comm.rank == 0:
+        try:
+            if choice == "auto":
+                found = checkpoint.latest(root)
+            elif choice != "none":
+                found = (Path(choice), checkpoint.verify(Path(choice)))
+        except checkpoint.CheckpointError as exc:
+            error = f"checkpoint.resume={choice}: {exc}"
+    found, error = comm.gather_objects((found, error))[0]
+    if error:
+        raise checkpoint.CheckpointError(error)
+    if found is None:
+        return None
+    path, meta = found
+    position, schedule_state = checkpoint.load(comm, path, meta, model=s.model if cfg.parallel.scheme != "ddp" else s.plain,
+                                               plain=s.plain, optimizer=s.optimizer, scheme=cfg.parallel.scheme)  # fmt: skip
+    schedule.load_state_dict(schedule_state)
+    if comm.rank == 0:
+        log.info("resuming from %s (step %d, epoch %d, batch %d of the epoch)", path, position.step, position.epoch,
+                 position.step_in_epoch)  # fmt: skip
+    return position
+
+
+def _all_finite(comm: Communicator, loss: torch.Tensor) -> bool:
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+    if comm.world_size > 1:
+        bad = comm.all_reduce(bad, tag="nonfinite_check")
+    return bad.item() == 0
+
+
+def _fault(comm: Communicator) -> dict[str, int]:
+    """Fault injection for the reliability tests: ``HYBRIDPAR_FAULT="kill@7:1,nan@3"`` SIGKILLs
+    worker 1's process after step 7 (first attempt only, not after a torchrun restart) and feeds
+    NaN images at step 3. Unset in normal use."""
+    spec = os.environ.get("HYBRIDPAR_FAULT", "")
+    out: dict[str, int] = {}
+    for item in filter(None, spec.split(",")):
+        what, _, rest = item.partition("@")
+        at, _, rank = rest.partition(":")
+        if what == "kill" and (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or (rank and int(rank) != comm.rank)):
+            continue
+        out[what] = int(at)
+    return out
 
 
 def _average_gradients(model: nn.Module, comm: Communicator) -> None:

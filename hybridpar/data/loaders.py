@@ -5,20 +5,26 @@ Training uses ``DistributedSampler``'s strided split of one seeded permutation: 
 ``j*B .. (j+1)*B-1`` for global batch ``B`` whatever the world size. Evaluation must cover every held-out
 example exactly once, yet every worker must bring the same batch shape to the model-parallel head, so short
 batches are padded with zero images marked ``valid=False``.
+
+Image folders (``ImageFiles``) take a second path through both: the sampler hands each worker process
+``(index, epoch)`` keys, the dataset returns what stood in for any unreadable file, and the loader strips
+that in the consuming process, so callers see the same ``(x, y)`` / ``(x, y, valid)`` batches while
+``loader.skipped`` / ``batches.skipped`` count the examples whose file could not be read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
 from hybridpar.data.bundle import DataError, check_int
+from hybridpar.data.imagenet import ImageFiles, Loaded, report_unreadable
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -28,12 +34,106 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise DataError(f"rank={rank} is not below world_size={world_size}")
 
 
-class _AugmentingLoader(DataLoader):
-    """Applies the dataset's (seed, epoch)-keyed batch augmenter in the consuming thread."""
+class _Sampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way (a resumed run: the batches before
+    ``start`` were trained on before the checkpoint), and for keyed datasets yields ``(index, epoch)``.
+
+    The epoch must travel with the index. Persistent DataLoader worker processes hold the copy of the dataset
+    made when they started (pickled under spawn/forkserver, copied on fork), so an epoch set on the dataset
+    afterwards would never reach them; the sampler runs in the main process and its keys go to the workers
+    with every batch, whatever the start method.
+    """
+
+    def __init__(self, *args: Any, keyed: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.keyed = keyed
+        self.start = 0  # indices of this worker's epoch list to leave out (whole batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.start = 0
 
     def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch
+        indices = list(super().__iter__())[self.start :]
+        return iter([(i, epoch) for i in indices] if self.keyed else indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class _Keyed(Dataset):
+    """Maps a sampler's ``(index, epoch)`` key to ``ImageFiles.load`` with this loader's seed."""
+
+    def __init__(self, dataset: ImageFiles, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Loaded | str:
+        index, epoch = key
+        try:
+            return self.dataset.load(index, seed=self.seed, epoch=epoch)
+        except DataError as exc:
+            # Raised in a worker process, the loader would re-raise it wrapped in the worker's traceback (not one
+            # line), and shutting down workers after an exception waits 5 s on each; handed back as data, the
+            # consuming process raises it (``_stripped``) and the workers close as usual.
+            return str(exc)
+
+
+Batch = tuple[Tensor, Tensor, Tensor, list[tuple[str, str]]]  # images, labels, substituted rows, (path, reason)
+
+
+def _collate_loaded(items: list[Loaded | str]) -> Batch | str:
+    """Stack images and labels; keep the per-row substitution flags and the (path, reason) list as they are."""
+    failed = next((item for item in items if isinstance(item, str)), None)
+    if failed is not None:
+        return failed
+    images, labels, substituted, unreadable = zip(*items)
+    bad = [entry for entries in unreadable for entry in entries]
+    return default_collate(images), default_collate(labels), torch.tensor(substituted, dtype=torch.bool), bad
+
+
+def _stripped(
+    batches: Iterable[Batch | str], dataset: ImageFiles, counter: Any
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(x, y, substituted)`` from keyed batches; counts substituted rows on ``counter.skipped`` and logs
+    each unreadable file here, in the consuming process (a worker's log lines would go nowhere under spawn)."""
+    for batch in batches:
+        if isinstance(batch, str):
+            raise DataError(batch)
+        x, y, substituted, unreadable = batch
+        counter.skipped += int(substituted.sum())
+        report_unreadable(dataset, unreadable)
+        yield x, y, substituted
+
+
+class _TrainLoader(DataLoader):
+    """The loader ``train_loader`` returns.
+
+    For a dataset with ``make_augmenter`` (embedded) it applies the (seed, epoch)-keyed batch augmenter in the
+    consuming thread. For ``ImageFiles`` it drops the substitution details and keeps ``skipped``: the running
+    total, over every epoch so far, of examples whose own file was unreadable (0 for other datasets).
+    """
+
+    skipped: int = 0
+
+    def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Set the epoch (its permutation and augmentation) and leave out its first ``skip_batches``
+        batches without loading them (resuming mid-epoch)."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = skip_batches * self.batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        if isinstance(self.dataset, _Keyed):
+            for x, y, _ in _stripped(super().__iter__(), self.dataset.dataset, self):
+                yield x, y
+            return
         sampler = self.sampler
-        augment = self.dataset.make_augmenter(sampler.seed, sampler.epoch)
+        make_augmenter = getattr(self.dataset, "make_augmenter", None)
+        augment = make_augmenter(sampler.seed, sampler.epoch) if make_augmenter is not None else None
         batches = super().__iter__()
         if augment is None:
             yield from batches
@@ -61,6 +161,7 @@ def train_loader(
 
     Each epoch every example is used at most once across all workers; the ``len(dataset) % (world_size *
     local_batch)`` left over after the last full global batch sit the epoch out (a different few each epoch).
+    ``loader.skipped`` counts, over all epochs so far, the examples replaced because their file was unreadable.
     """
     check_int(local_batch, "local_batch")
     _check_rank(rank, world_size)
@@ -72,12 +173,12 @@ def train_loader(
             f"the training set has {len(dataset)} examples, fewer than one global batch "
             f"(world_size={world_size} x local_batch={local_batch} = {global_batch})"
         )
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    # Seeds the worker processes' global generators (torchvision transforms), reproducibly per (seed, rank).
+    keyed = isinstance(dataset, ImageFiles)
+    sampler = _Sampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True, keyed=keyed)
+    # Seeds the worker processes' global generators (any global-RNG transform), reproducibly per (seed, rank).
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-    loader_cls = _AugmentingLoader if hasattr(dataset, "make_augmenter") else DataLoader
-    return loader_cls(
-        dataset,
+    return _TrainLoader(
+        _Keyed(dataset, seed) if keyed else dataset,
         batch_size=local_batch,
         sampler=sampler,
         drop_last=True,
@@ -85,6 +186,7 @@ def train_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=generator,
+        collate_fn=_collate_loaded if keyed else None,
     )
 
 
@@ -98,12 +200,13 @@ def eval_steps(n_examples: int, local_batch: int, world_size: int) -> int:
 
 def eval_batches(
     dataset: Dataset, *, local_batch: int, rank: int, world_size: int, num_workers: int = 0
-) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+) -> EvalBatches:
     """``(x, y, valid)`` batches of exactly ``local_batch`` rows over examples ``rank, rank+world_size, ...``.
 
     Every worker yields ``eval_steps(len(dataset), local_batch, world_size)`` batches; rows past a worker's
     real examples are zero images with label 0 and ``valid`` False, so counting only valid rows gives the
-    exact held-out metric.
+    exact held-out metric. An example whose file is unreadable gets a stand-in row, also ``valid`` False (it
+    would otherwise count the stand-in twice); ``.skipped`` on the returned iterator counts them.
     """
     check_int(local_batch, "local_batch")
     _check_rank(rank, world_size)
@@ -111,21 +214,46 @@ def eval_batches(
     n = len(dataset)
     if n == 0:
         raise DataError("the held-out set is empty; nothing to evaluate")
-    steps = eval_steps(n, local_batch, world_size)
-    mine = Subset(dataset, range(rank, n, world_size))
-    loader = DataLoader(mine, batch_size=local_batch, shuffle=False, num_workers=num_workers)
-    return _padded(loader, dataset, local_batch, steps)
+    return EvalBatches(dataset, local_batch, rank, world_size, num_workers)
+
+
+class EvalBatches(Iterator[tuple[Tensor, Tensor, Tensor]]):
+    """What ``eval_batches`` returns: its batches, and ``skipped``, the number so far of this worker's held-out
+    examples whose file was unreadable (complete once the iterator is exhausted; 0 for in-memory data)."""
+
+    def __init__(self, dataset: Dataset, local_batch: int, rank: int, world_size: int, num_workers: int):
+        self.skipped = 0
+        n = len(dataset)
+        steps = eval_steps(n, local_batch, world_size)
+        if isinstance(dataset, ImageFiles):
+            # Epoch 0 of seed 0: the evaluation transform draws nothing, the key only names the example.
+            keys = [(i, 0) for i in range(rank, n, world_size)]
+            loader = DataLoader(
+                _Keyed(dataset, 0), batch_size=local_batch, sampler=keys, num_workers=num_workers,
+                collate_fn=_collate_loaded,
+            )  # fmt: skip
+            rows = _stripped(loader, dataset, self)
+        else:
+            mine = Subset(dataset, range(rank, n, world_size))
+            loader = DataLoader(mine, batch_size=local_batch, shuffle=False, num_workers=num_workers)
+            rows = ((x, y, torch.zeros(len(y), dtype=torch.bool)) for x, y in loader)
+        self._batches = _padded(rows, dataset, local_batch, steps)
+
+    def __next__(self) -> tuple[Tensor, Tensor, Tensor]:
+        return next(self._batches)
 
 
 def _padded(
-    loader: DataLoader, dataset: Dataset, local_batch: int, steps: int
+    rows: Iterator[tuple[Tensor, Tensor, Tensor]], dataset: Dataset, local_batch: int, steps: int
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``(x, y, valid)`` of exactly ``local_batch`` rows, ``steps`` of them, from ``(x, y, substituted)`` rows."""
     x_like: Tensor | None = None
     y_like: Tensor | None = None
     done = 0
-    for x, y in loader:
+    for x, y, substituted in rows:
         k = len(y)
         valid = torch.arange(local_batch) < k
+        valid[:k] &= ~substituted
         if k < local_batch:
             x = torch.cat([x, x.new_zeros((local_batch - k, *x.shape[1:]))])
             y = torch.cat([y, y.new_zeros(local_batch - k)])

@@ -200,6 +200,16 @@ class HybridModel(nn.Module):
                 out[f"{self.head_name}.{i}.{pname}"] = spec
         return out
 
+    def full_shapes(self) -> dict[str, list[int]]:
+        """The single-device shape of every ``state_dict`` entry."""
+        specs, out = self.shard_specs(), {}
+        for name, t in self.state_dict().items():
+            shape = list(t.shape)
+            if name in specs:
+                shape[specs[name].dim] = sum(specs[name].sizes)
+            out[name] = shape
+        return out
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device state_dict (every worker gets it; costs one gather per shard)."""
         specs, sd = self.shard_specs(), {}

@@ -132,11 +132,11 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     full = build_model(cfg.model, data.num_classes, data.in_channels, cfg.seed)
     if cfg.model.get("init_from"):
         _init_from(full, cfg.model.init_from)
-    trunk_names, _ = split_trunk_head(full)
+    trunk_names, _ = split_trunk_head(full, cfg.model.get("head"))
 
     if cfg.parallel.scheme != "ddp":
         model = HybridModel(
-            full, comm, plan=_plan(cfg.parallel.plan), seed=cfg.seed,
+            full, comm, plan=_plan(cfg.parallel.plan), head=cfg.model.get("head"), seed=cfg.seed,
             comm_dtype=torch.bfloat16 if cfg.parallel.get("comm_dtype", "fp32") == "bf16" else None,
             overlap=cfg.parallel.get("overlap", True),
             bucket_cap=int(cfg.parallel.get("bucket_mb", 4) * 2**20 / 4),

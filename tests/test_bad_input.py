@@ -71,7 +71,7 @@ def test_head_layer_that_cannot_be_sharded(head, pattern):
 
 
 def test_model_without_head_split():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2), nn.Softmax(dim=1))  # ends in no head
     with pytest.raises(ShardingError, match=r"trunk/head split"):
         run_emulated(2, lambda comm: HybridModel(model, comm))
 

@@ -1,9 +1,14 @@
 """Models, with torchvision's parameter names so state_dicts move freely."""
 
+from torch import nn
+
 from hybridpar.models.alexnet import AlexNet, alexnet, alexnet_small
 from hybridpar.models.seeded import build_seeded
+from hybridpar.models.vgg import CONFIGS as _VGG_CONFIGS
+from hybridpar.models.vgg import vgg
 
-__all__ = ["AlexNet", "alexnet", "alexnet_small", "build_model", "build_seeded"]
+VGG_DEPTHS = tuple(_VGG_CONFIGS)
+__all__ = ["AlexNet", "alexnet", "alexnet_small", "build_model", "build_seeded", "vgg"]
 
 
 def build_model(cfg, num_classes: int, in_channels: int, seed: int):
@@ -24,4 +29,49 @@ def build_model(cfg, num_classes: int, in_channels: int, seed: int):
         return build_seeded(
             lambda: alexnet_small(num_classes, cfg.get("dropout", 0.5), in_channels=in_channels, **widths), seed
         )
-    raise ConfigError(f"model.name={name!r} is not one of alexnet, alexnet_small")
+    if name in VGG_DEPTHS:
+        widths = {k: cfg[k] for k in ("width", "hidden", "pool_size") if cfg.get(k) is not None}
+        return build_seeded(
+            lambda: vgg(name, num_classes, cfg.get("dropout", 0.5), batch_norm=bool(cfg.get("batch_norm", False)),
+                        in_channels=in_channels, **widths),
+            seed,
+        )  # fmt: skip
+    if name == "custom":
+        return build_seeded(lambda: custom(cfg, num_classes, in_channels), seed)
+    raise ConfigError(f"model.name={name!r} is not one of alexnet, alexnet_small, {', '.join(VGG_DEPTHS)}, custom")
+
+
+def custom(cfg, num_classes: int, in_channels: int):
+    """``model=custom model.target=package.module:factory``: the user's model, built by Hydra's
+    ``instantiate`` with ``model.kwargs``; ``num_classes`` and ``in_channels`` are passed when the
+    factory takes them (and not given in kwargs)."""
+    import inspect
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object, instantiate
+
+    from hybridpar.errors import ConfigError
+
+    target = str(cfg.get("target") or "")
+    if not target or target == "???":
+        raise ConfigError("model=custom needs model.target=package.module:factory (a class or a function returning the model)")
+    path = target.replace(":", ".")
+    try:
+        factory = get_object(path)
+    except Exception as exc:  # noqa: BLE001 - import errors of the user's module, a missing name
+        raise ConfigError(f"model.target={target}: cannot import it ({type(exc).__name__}: {exc})") from None
+    kwargs = dict(cfg.get("kwargs") or {})
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    try:
+        model = instantiate({"_target_": path, **kwargs})
+    except InstantiationException as exc:
+        raise ConfigError(f"model.target={target}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.target={target} returned a {type(model).__name__}, not an nn.Module")
+    return model

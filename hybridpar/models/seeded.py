@@ -15,10 +15,13 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
-_LOCK = threading.Lock()
+# Held while a model is built, traced (torch.fx patches nn.Module's attribute access process-wide
+# while it traces) or cut into shards: emulated workers are threads, and one's module work must
+# not run inside another's trace.
+MODEL_LOCK = threading.RLock()
 
 
 def build_seeded(factory: Callable[[], T], seed: int) -> T:
-    with _LOCK, torch.random.fork_rng(devices=[]):
+    with MODEL_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory()

@@ -31,6 +31,7 @@ from hybridpar.parallel.head import Move, shard_head
 from hybridpar.parallel.linear import ShardSpec
 from hybridpar.parallel.cost import scheme_rounds
 from hybridpar.parallel.rounds import grads_from, own_rows, send_grads, send_inputs
+from hybridpar.models.seeded import MODEL_LOCK
 from hybridpar.models.split import split_trunk_head
 
 
@@ -44,6 +45,7 @@ class HybridModel(nn.Module):
         comm: Communicator,
         *,
         plan: str | Sequence[str] = "min_bytes",
+        head: str | None = None,
         seed: int = 0,
         comm_dtype: torch.dtype | None = None,
         overlap: bool = True,
@@ -55,15 +57,22 @@ class HybridModel(nn.Module):
         # the activation bytes; every accumulation stays in the compute dtype.
         self.comm_dtype = comm_dtype
         self.overlap = overlap
-        self.trunk_names, self.head_name = split_trunk_head(model)
+        with MODEL_LOCK:  # tracing and cutting a model shared by emulated workers: one at a time
+            self._build(model, comm, plan, head, seed, bucket_cap, overlap)
+
+    def _build(self, model, comm, plan, head, seed, bucket_cap, overlap) -> None:
+        self.trunk_names, self.head_name = split_trunk_head(model, head)
+        full_head = getattr(model, self.head_name)
+        # A bare Linear head (ResNet's fc) keeps its own name: "fc.weight", not "fc.0.weight".
+        self._bare_head = isinstance(full_head, nn.Linear)
         # Check the head before touching anything: a bad layer is reported before any collective.
-        head, self.program, self.styles = shard_head(
-            getattr(model, self.head_name), self.head_name, comm.rank, comm.world_size, plan,
-            dropout_seed=seed * 1_000_003 + comm.rank * 10_007,
+        sharded, self.program, self.styles = shard_head(
+            nn.Sequential(full_head) if self._bare_head else full_head, self.head_name, comm.rank, comm.world_size,
+            plan, dropout_seed=seed * 1_000_003 + comm.rank * 10_007,
         )  # fmt: skip
         for n in self.trunk_names:
             self.add_module(n, copy.deepcopy(getattr(model, n)))
-        self.add_module(self.head_name, head)
+        self.add_module(self.head_name, sharded[0] if self._bare_head else sharded)
         self._first_move = next(i for i, op in enumerate(self.program) if isinstance(op, Move))
         self.trunk_sync = TrunkSync(self.trunk_parameters(), comm, bucket_cap=bucket_cap, overlap=overlap)
 
@@ -83,8 +92,12 @@ class HybridModel(nn.Module):
     def forward_head(self, h: torch.Tensor) -> torch.Tensor:
         return self._run(self.program, h, [h.shape[0]] * self.comm.world_size)
 
-    def _run(self, program, h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
+    def _head_layers(self) -> Sequence[nn.Module]:
         head = getattr(self, self.head_name)
+        return [head] if self._bare_head else head
+
+    def _run(self, program, h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
+        head = self._head_layers()
         first = self.program[self._first_move]
         for op in program:
             if isinstance(op, int):
@@ -195,9 +208,10 @@ class HybridModel(nn.Module):
     def shard_specs(self) -> dict[str, ShardSpec]:
         """``{full parameter name: how it is cut}``; parameters not listed are replicated."""
         out = {}
-        for i, m in enumerate(getattr(self, self.head_name)):
+        for i, m in enumerate(self._head_layers()):
+            prefix = self.head_name if self._bare_head else f"{self.head_name}.{i}"
             for pname, spec in getattr(m, "specs", {}).items():
-                out[f"{self.head_name}.{i}.{pname}"] = spec
+                out[f"{prefix}.{pname}"] = spec
         return out
 
     def full_shapes(self) -> dict[str, list[int]]:

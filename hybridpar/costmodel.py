@@ -366,8 +366,15 @@ def _backward_with_buckets(tl: _Timeline, link: Link, stages_bwd: Sequence[tuple
 
 
 def step_time(profile: Profile, link: Link, scheme: str, K: int, b: int, *, plan: str | Sequence[str] = "min_bytes",
-              overlap: bool = True, bucket_cap: int = HYBRID_BUCKET_ELEMENTS) -> StepTime:  # fmt: skip
-    """Predicted time of one training step with ``K`` workers, ``b`` images each."""
+              overlap: bool = True, bucket_cap: int = HYBRID_BUCKET_ELEMENTS, fc_group_size: int | None = None) -> StepTime:  # fmt: skip
+    """Predicted time of one training step with ``K`` workers, ``b`` images each.
+
+    ``fc_group_size=G`` (hybrid schemes): the 2-D layout — the head is sharded inside groups of G
+    workers (its moves stay in the group), and each shard's gradient is all-reduced over the K/G
+    workers holding it, issued when the head's backward is done; the trunk's over all K."""
+    G = fc_group_size or K
+    if K % G:
+        raise ValueError(f"fc_group_size {G} must divide the number of workers {K}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     tl, isz = _Timeline(), profile.itemsize
@@ -377,7 +384,7 @@ def step_time(profile: Profile, link: Link, scheme: str, K: int, b: int, *, plan
     sent = 0
 
     def linear(i: int, style: str, rows: int, backward: bool) -> None:
-        f = _linear_flops(*widths[i], style, rows, K)
+        f = _linear_flops(*widths[i], style, rows, G)
         # The rate goes by rows, not FLOPs: a product of ``rows`` examples with a weight (shard)
         # does ~rows/2 FLOPs per weight byte read whatever the shard's width, so a shard on K·b
         # rows runs like the full layer on K·b rows (roofline), and a round of b/K·K rows slower.
@@ -390,27 +397,27 @@ def step_time(profile: Profile, link: Link, scheme: str, K: int, b: int, *, plan
         sent = allreduce_bytes(profile.trunk_params + profile.head_params, K, 0, GRAD_ITEMSIZE)
         n_opt = sum(profile.trunk_params) + sum(profile.head_params)
     else:
-        styles = choose_styles(widths, K, plan)
+        styles = choose_styles(widths, G, plan)
         program = _head_program(widths, styles)
-        if K > 1:
-            tl.blocking(link.time(K - 1, 9, 8))  # the batch-shape agreement
-            sent += (K - 1) * 72
+        if G > 1:
+            tl.blocking(link.time(G - 1, 9, 8))  # the batch-shape agreement
+            sent += (G - 1) * 72
         tl.run(trunk_fwd)
-        rounds = scheme_rounds(scheme, b, K) if K > 1 else [[b]]
+        rounds = scheme_rounds(scheme, b, G) if G > 1 else [[b]]
 
         def head_pass(betas: Sequence[int], body: Sequence[tuple], backward: bool) -> None:
             nonlocal sent
             for op in reversed(body) if backward else body:
                 if op[0] == "linear":
                     linear(op[1], styles[op[1]], sum(betas), backward)
-                elif K > 1:
+                elif G > 1:
                     seconds, elements = _move_time(link, op[1], op[2], betas, isz, backward)
                     tl.blocking(seconds)
                     sent += elements * isz
 
-        if scheme == "a" or K == 1:
-            head_pass([b] * K, program, False)
-            head_pass([b] * K, program, True)
+        if scheme == "a" or G == 1:
+            head_pass([b] * G, program, False)
+            head_pass([b] * G, program, True)
         else:
             first, body = program[0], program[1:]
 
@@ -422,8 +429,8 @@ def step_time(profile: Profile, link: Link, scheme: str, K: int, b: int, *, plan
 
             pending = {0: issue(0, False)}
             returns = []
-            for j in range(K):
-                if overlap and j + 1 < K:
+            for j in range(G):
+                if overlap and j + 1 < G:
                     pending[j + 1] = issue(j + 1, False)
                 tl.wait(pending.pop(j))
                 head_pass(rounds[j], body, False)
@@ -431,13 +438,17 @@ def step_time(profile: Profile, link: Link, scheme: str, K: int, b: int, *, plan
                 returns.append(issue(j, True))
                 if not overlap:
                     tl.wait(returns[-1])
-                    if j + 1 < K:
+                    if j + 1 < G:
                         pending[j + 1] = issue(j + 1, False)
             tl.wait(max(returns))
-        done = _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, overlap)
-        sent += allreduce_bytes(trunk_bucket_numels(profile.trunk_params, bucket_cap), K, 0, GRAD_ITEMSIZE)
         # This worker's head shard: weight elements (FLOPs of one row / 2) and its bias slice.
-        shard = sum(_linear_flops(i, o, s, 1, K) / 2 + even_split(o, K)[0] for (i, o), s in zip(widths, styles))
+        shard = sum(_linear_flops(i, o, s, 1, G) / 2 + even_split(o, G)[0] for (i, o), s in zip(widths, styles))
+        fc_sync = []
+        if K > G:  # 2-D: the shard's gradient is summed over the K/G groups, while the trunk's backward runs
+            fc_sync.append(tl.issue(_allreduce_time(link, int(shard), K // G)))
+            sent += allreduce_bytes(int(shard), K // G, 0, GRAD_ITEMSIZE)
+        done = fc_sync + _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, overlap)
+        sent += allreduce_bytes(trunk_bucket_numels(profile.trunk_params, bucket_cap), K, 0, GRAD_ITEMSIZE)
         n_opt = sum(profile.trunk_params) + shard
     for t in done:
         tl.wait(t)

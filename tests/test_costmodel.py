@@ -173,3 +173,23 @@ def test_cli_predict_and_bad_input(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["hybridpar.costmodel: error: cannot read the rate 'fast': use e.g. 100mbit, 1gbit, 10gbit or 6GB"]
     assert json.loads(path.read_text())["device"] == "toy"
+
+
+@pytest.mark.parametrize("K, G", [(4, 1), (4, 2), (4, 4), (8, 2), (6, 3)])
+def test_two_d_layout_bytes_and_limits(K, G):
+    """The 2-D step moves what the 2-D byte formula says; G = K is the 1-D hybrid, G = 1 moves the
+    whole model's gradients like DDP (plus nothing else)."""
+    from hybridpar.parallel.cost import two_d_step_bytes
+
+    prof = _toy_profile()
+    link = cm.Link(1e-5, 1e7)
+    t = cm.step_time(prof, link, "a", K, 6, fc_group_size=G)
+    widths = list(prof.head)
+    assert t.bytes_sent == two_d_step_bytes(widths, choose_styles(widths, G), trunk_bucket_numels(prof.trunk_params), 6, K, G)
+    if G == K:
+        assert t == cm.step_time(prof, link, "a", K, 6)
+    if G == 1:
+        n = sum(prof.trunk_params) + sum(prof.head_params)
+        assert t.bytes_sent == ddp_step_bytes(n, K)
+    with pytest.raises(ValueError, match="must divide"):
+        cm.step_time(prof, link, "a", 8, 6, fc_group_size=3)

@@ -124,3 +124,30 @@ def hybrid_step_bytes(widths, styles, trunk_params, b: int, K: int, rank: int, i
 def ddp_step_bytes(n_params: int, K: int, rank: int = 0, itemsize: int = 4) -> int:
     """Bytes per worker of a data-parallel step that all-reduces every gradient."""
     return allreduce_bytes(n_params, K, rank, itemsize)
+
+
+def head_shard_params(widths: Sequence[tuple[int, int]], styles: Sequence[str], G: int, rank: int) -> int:
+    """Parameters of worker ``rank``'s head shard when the head is cut over ``G`` workers (weights
+    by rows or columns, biases by output slice)."""
+    total = 0
+    for (n_in, n_out), style in zip(widths, styles):
+        s_out = even_split(n_out, G)[rank]
+        total += (n_in * s_out if style == "col" else even_split(n_in, G)[rank] * n_out) + s_out
+    return total
+
+
+def two_d_step_bytes(widths, styles, trunk_params, b: int, K: int, G: int, rank: int = 0, itemsize: int = 4,
+                     scheme: str = "a") -> int:  # fmt: skip
+    """Bytes per worker of the 2-D hybrid: the head sharded inside groups of ``G`` workers (its
+    activations move only inside the group), each shard's gradient all-reduced over the ``K/G``
+    workers holding the same shard, the trunk's over all ``K``. ``G = K`` is the 1-D hybrid
+    (:func:`hybrid_step_bytes`); ``G = 1`` moves the trunk's and the whole head's gradients, as DDP."""
+    if K % G:
+        raise ValueError(f"the group size {G} must divide the number of workers {K}")
+    r = rank % G
+    return (
+        head_bytes(widths, styles, b, G, r, itemsize, scheme)
+        + allreduce_bytes(head_shard_params(widths, styles, G, r), K // G, rank // G, itemsize)
+        + allreduce_bytes(trunk_params, K, rank, itemsize)
+        + (G - 1) * AGREE_BYTES_PER_PEER
+    )

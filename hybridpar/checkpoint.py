@@ -87,7 +87,10 @@ def _device(plain: nn.Module) -> torch.device:
 def _worker_payload(model: nn.Module, plain: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
     specs = _specs(model)
     names = _param_names(plain)
-    keep = lambda n: n in specs or rank == 0  # noqa: E731 - replicated tensors: worker 0 writes them once
+    # Replicated tensors: worker 0 writes them once. Head shards: the first group (2-D layout: the
+    # other groups hold copies of the same shards).
+    first_group = not isinstance(model, HybridModel) or model.replicas is None or model.replicas.rank == 0
+    keep = lambda n: (n in specs and first_group) or (n not in specs and rank == 0)  # noqa: E731
     tensors = {f"model/{n}": t.detach().cpu().contiguous() for n, t in plain.state_dict().items() if keep(n)}
     for p, st in optimizer.state.items():
         buf = st.get("momentum_buffer")
@@ -261,8 +264,8 @@ class _Full:
 
     def get(self, key: str) -> torch.Tensor | None:
         kind, name = key.split("/", 1)
-        if name in self.specs:
-            parts = [f["tensors"].get(key) for f in self.files]
+        if name in self.specs:  # the shards are in the first len(sizes) workers' files
+            parts = [f["tensors"].get(key) for f in self.files[: len(self.specs[name].sizes)]]
             if any(p is None for p in parts):
                 return None
             return torch.cat(parts, self.specs[name].dim)

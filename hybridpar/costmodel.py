@@ -479,10 +479,13 @@ def alexnet_profile_from_speed(images_per_s: float, reference: Profile) -> Profi
 
 
 def _cmd_profile(args) -> None:
-    from hybridpar.models import alexnet, build_seeded
+    from omegaconf import OmegaConf
 
-    torch.set_num_threads(args.threads) if args.threads else None
-    model = build_seeded(lambda: alexnet(1000, dropout=0.0), 0)
+    from hybridpar.models import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(OmegaConf.create({"name": args.model, "dropout": 0.0}), 1000, 3, 0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     prof = measure_profile(model, args.image_size, args.batch, device=args.device, dtype=dtype, reps=args.reps)
     text = prof.to_json()
@@ -525,7 +528,8 @@ def _cmd_project(args) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hybridpar.costmodel", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("profile", help="measure per-layer compute times of AlexNet on this device")
+    p = sub.add_parser("profile", help="measure per-layer compute times of a model on this device")
+    p.add_argument("--model", default="alexnet", help="alexnet, vgg11, vgg13, vgg16, vgg19 (1000 classes)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--device", default="cpu")

@@ -104,6 +104,18 @@ def layouts(model: nn.Module, K: int, b: int, link: cm.Link, profile: cm.Profile
     return out
 
 
+def fewest_bytes_group(model: nn.Module, K: int, b: int, plan="min_bytes", head: str | None = None) -> int:
+    """The FC group size G (dividing K) whose 2-D layout sends the fewest bytes per worker and step
+    (``parallel.fc_group_size=auto``); ties go to the larger G (fewer head-gradient all-reduces)."""
+    from hybridpar.models.split import split_trunk_head
+
+    trunk_names, _ = split_trunk_head(model, head)
+    widths = head_widths(model, head)
+    trunk = trunk_bucket_numels([p.numel() for n in trunk_names for p in getattr(model, n).parameters()])
+    options = [g for g in range(1, K + 1) if K % g == 0]
+    return min(options, key=lambda g: (two_d_step_bytes(widths, choose_styles(widths, g, plan), trunk, b, K, g), -g))
+
+
 def best(ls: Sequence[Layout]) -> Layout:
     return min(ls, key=lambda lay: (lay.step_s if lay.step_s is not None else lay.link_s, lay.bytes))
 
@@ -142,11 +154,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nchosen: {choice.name}" + (f" (parallel.fc_group_size={choice.G})" if choice.G else " (parallel.scheme=ddp)"))
 
 
-def head_widths(model: nn.Module) -> list[tuple[int, int]]:
+def head_widths(model: nn.Module, head: str | None = None) -> list[tuple[int, int]]:
     """``(in, out)`` of each Linear of the model's head."""
     from hybridpar.models.split import split_trunk_head
 
-    _, head = split_trunk_head(model)
+    _, head = split_trunk_head(model, head)
     m = getattr(model, head)
     return [(i, o) for _, i, o in linear_widths(nn.Sequential(m) if isinstance(m, nn.Linear) else m, head, 1)]
 

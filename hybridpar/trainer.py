@@ -140,6 +140,7 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
             comm_dtype=torch.bfloat16 if cfg.parallel.get("comm_dtype", "fp32") == "bf16" else None,
             overlap=cfg.parallel.get("overlap", True),
             bucket_cap=int(cfg.parallel.get("bucket_mb", 4) * 2**20 / 4),
+            fc_group_size=_group_size(cfg, full, K, b), sync_bn=bool(cfg.parallel.get("sync_bn", True)),
         ).to(device)  # fmt: skip
         plain = model
     else:
@@ -185,6 +186,21 @@ def _init_from(model: nn.Module, path: str) -> None:
         if t.shape != own[name].shape:
             raise ConfigError(f"model.init_from={path} does not fit this model: {name} is {list(t.shape)} there, {list(own[name].shape)} here")
     model.load_state_dict(sd, strict=True)
+
+
+def _group_size(cfg: DictConfig, model: nn.Module, K: int, b: int) -> int | None:
+    """``parallel.fc_group_size``: null (the head over all K workers), an int, or auto (the planner's
+    fewest-bytes choice)."""
+    G = cfg.parallel.get("fc_group_size")
+    if G is None:
+        return None
+    if G == "auto":
+        from hybridpar.plan import fewest_bytes_group
+
+        return fewest_bytes_group(model, K, b, _plan(cfg.parallel.plan), cfg.model.get("head"))
+    if not isinstance(G, int) or isinstance(G, bool):
+        raise ConfigError(f"parallel.fc_group_size={G!r} must be null, auto or a positive integer dividing the workers")
+    return G
 
 
 def _plan(plan: Any) -> Any:
@@ -372,6 +388,7 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
         "val_top1": last_val.get("val_top1"), "val_top5": last_val.get("val_top5"),
         "val_loss": last_val.get("val_loss"), "train_loss": train_loss, "steps": step,
         "epochs": step / steps_per_epoch, "world_size": K, "scheme": cfg.parallel.scheme,
+        "fc_group_size": s.model.comm.world_size if hybrid else None,
         "emulated": not isinstance(comm, DistCommunicator), "device": str(device),
         "precision": cfg.trainer.precision, "local_batch": s.local_batch, "global_batch": s.local_batch * K,
         "images_per_s": meter.images / meter.train_s if meter.train_s else 0.0,

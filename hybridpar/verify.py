@@ -43,6 +43,7 @@ class Case:
     fc_batch: str = "full"
     comm_dtype: str = "fp32"
     overlap: bool = True
+    fc_group_size: int | None = None  # the 2-D hybrid: the head sharded inside groups of this size
 
     def model(self) -> nn.Module:
         return build_seeded(
@@ -72,10 +73,11 @@ def hybrid_worker(comm: Communicator, case: Case, model: nn.Module | None = None
     hybrid = HybridModel(
         model if model is not None else case.model(), comm, plan=case.plan, seed=case.seed,
         comm_dtype=torch.bfloat16 if case.comm_dtype == "bf16" else None, overlap=case.overlap,
+        fc_group_size=case.fc_group_size,
     )  # fmt: skip
     opt = case.optimizer(hybrid.parameters())
     lo, hi = comm.rank * case.local_batch, (comm.rank + 1) * case.local_batch
-    out: dict = {"specs": hybrid.shard_specs(), "styles": hybrid.styles, "trunk": [n for n, _ in hybrid.named_parameters() if n.split(".")[0] in hybrid.trunk_names]}
+    out: dict = {"specs": hybrid.shard_specs(), "styles": hybrid.styles, "group_size": hybrid.comm.world_size, "trunk": [n for n, _ in hybrid.named_parameters() if n.split(".")[0] in hybrid.trunk_names]}
     for step, (x, y) in enumerate(case.batches()):
         comm.ledger.reset()
         opt.zero_grad(set_to_none=True)
@@ -113,11 +115,12 @@ def compare(workers: Sequence[dict], ref: dict, rtol: float = RTOL, atol: float 
     replicas are bit-identical across workers.
     """
     specs = workers[0]["specs"]
+    G = workers[0].get("group_size", len(workers))  # the first group holds every shard once
     got = {
         "logits": torch.cat([w["logits"] for w in workers]),
         "loss": sum(w["loss"] for w in workers),
-        "grads": assemble([w["grads"] for w in workers], specs),
-        "weights": assemble([w["weights"] for w in workers], specs),
+        "grads": assemble([w["grads"] for w in workers[:G]], specs),
+        "weights": assemble([w["weights"] for w in workers[:G]], specs),
     }
     errors = {}
     for key in ("logits", "loss"):
@@ -137,6 +140,10 @@ def compare(workers: Sequence[dict], ref: dict, rtol: float = RTOL, atol: float 
             for r, w in enumerate(workers[1:], 1):
                 if not torch.equal(w["weights"][name], workers[0]["weights"][name]):
                     raise AssertionError(f"trunk replica {name} on worker {r} differs from worker 0")
+        for name in specs:  # 2-D: the K/G copies of each head shard stay identical
+            for r, w in enumerate(workers[G:], G):
+                if not torch.equal(w["weights"][name], workers[r % G]["weights"][name]):
+                    raise AssertionError(f"head shard {name} on worker {r} differs from its replica on worker {r % G}")
     return errors
 
 

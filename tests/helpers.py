@@ -70,3 +70,20 @@ def results(outcomes: list[tuple[str, object]]) -> list:
         if status != "ok":
             raise AssertionError(f"worker {r} failed: {value[2]}")
     return [v for _, v in outcomes]
+
+
+def run_cmd(cmd, *, cwd=None, env=None, timeout: float = 240):
+    """``subprocess.run`` for commands that start their own workers (torchrun, emulated training):
+    on a timeout the whole process group is killed, so no worker outlives the test."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

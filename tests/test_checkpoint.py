@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from hybridpar import checkpoint
 from hybridpar.comm import run_emulated
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel
+from tests.helpers import run_cmd
 
 PY = sys.executable
 TRAIN = [PY, "-m", "hybridpar.train"]
@@ -30,7 +30,7 @@ def _run(cmd, cwd, timeout=240, **env):
     environ = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
     if "HYBRIDPAR_FAULT" not in env:
         environ.pop("HYBRIDPAR_FAULT", None)
-    return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout)
+    return run_cmd(cmd, cwd=cwd, env=environ, timeout=timeout)
 
 
 def _train(run_dir: Path, *overrides: str, K: int = 2, fault: str | None = None, timeout: int = 240):

@@ -15,6 +15,7 @@ import torch
 from hybridpar.models import alexnet_small
 from hybridpar.parallel.cost import hybrid_step_bytes
 from hybridpar.parallel.head import choose_styles
+from tests.helpers import run_cmd
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TRAIN = ["-m", "hybridpar.train"]
@@ -22,7 +23,7 @@ TRAIN = ["-m", "hybridpar.train"]
 
 def _run(cmd, tmp_path, timeout=240, **env):
     environ = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **env}
-    return subprocess.run(cmd, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=timeout)
+    return run_cmd(cmd, cwd=tmp_path, env=environ, timeout=timeout)
 
 
 def _run_dir(proc) -> Path:

@@ -104,6 +104,18 @@ class Communicator(ABC):
         self.count_all_reduce(x.numel(), x.element_size(), tag)
         return Handle(self, self._all_reduce_async(x))
 
+    def split(self, groups: Sequence[Sequence[int]]) -> Communicator:
+        """The communicator of this worker's group, ``groups`` partitioning the ranks (every worker
+        passes the same ``groups``, in the same order). It records into this one's ledger."""
+        flat = sorted(r for g in groups for r in g)
+        if flat != list(range(self.world_size)):
+            raise ValueError(f"groups {[list(g) for g in groups]} do not partition ranks 0..{self.world_size - 1}")
+        mine = next(list(g) for g in groups if self.rank in g)
+        return self._split([list(g) for g in groups], mine)
+
+    def _split(self, groups: list[list[int]], mine: list[int]) -> Communicator:
+        raise NotImplementedError(f"{type(self).__name__} cannot form groups")
+
     def count_all_reduce(self, numel: int, itemsize: int, tag: str) -> None:
         """Ledger entry of an all-reduce issued elsewhere (e.g. by a DDP communication hook)."""
         c = even_split(numel, self.world_size)[self.rank]

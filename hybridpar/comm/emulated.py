@@ -34,12 +34,25 @@ class EmulatedWorld:
         self.timeout_s = timeout_s
         self._barrier = threading.Barrier(world_size, timeout=timeout_s)
         self._slots: list[Any] = [None] * world_size
+        self._children: dict[tuple[int, ...], EmulatedWorld] = {}
+        self._lock = threading.Lock()
+
+    def child(self, ranks: tuple[int, ...]) -> EmulatedWorld:
+        """The shared state of the group ``ranks`` (made by the first of its workers to ask)."""
+        with self._lock:
+            if ranks not in self._children:
+                self._children[ranks] = EmulatedWorld(len(ranks), self.timeout_s)
+            return self._children[ranks]
 
     def communicators(self) -> list[EmulatedCommunicator]:
         return [EmulatedCommunicator(self, r) for r in range(self.world_size)]
 
     def abort(self) -> None:
         self._barrier.abort()
+        with self._lock:
+            children = list(self._children.values())
+        for c in children:  # a failed worker also releases peers waiting inside its groups
+            c.abort()
 
     def exchange(self, rank: int, obj: Any, reader: Callable[[list[Any]], Any]) -> Any:
         """Post ``obj``, wait for every worker's, compute ``reader(all objects)``, and wait until
@@ -61,9 +74,12 @@ class EmulatedWorld:
 
 
 class EmulatedCommunicator(Communicator):
-    def __init__(self, world: EmulatedWorld, rank: int):
-        super().__init__(rank, world.world_size, ByteLedger())
+    def __init__(self, world: EmulatedWorld, rank: int, ledger: ByteLedger | None = None):
+        super().__init__(rank, world.world_size, ledger if ledger is not None else ByteLedger())
         self.world = world
+
+    def _split(self, groups, mine):
+        return EmulatedCommunicator(self.world.child(tuple(mine)), mine.index(self.rank), self.ledger)
 
     def _all_gather(self, x, dim, sizes):
         return self.world.exchange(self.rank, x, lambda xs: torch.cat(xs, dim))

@@ -18,9 +18,20 @@ from hybridpar.errors import PeerLostError
 
 
 class DistCommunicator(Communicator):
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, ledger: ByteLedger | None = None):
         self.group = group if group is not None else dist.group.WORLD
-        super().__init__(dist.get_rank(self.group), dist.get_world_size(self.group), ByteLedger())
+        super().__init__(dist.get_rank(self.group), dist.get_world_size(self.group), ledger or ByteLedger())
+
+    def _split(self, groups, mine):
+        # Every rank must create every group, in the same order (torch.distributed's rule); the
+        # groups' ranks are global ranks, so translate from this communicator's.
+        to_global = dist.get_process_group_ranks(self.group)
+        made = None
+        for g in groups:
+            pg = dist.new_group([to_global[r] for r in g])
+            if g == mine:
+                made = pg
+        return DistCommunicator(made, self.ledger)
 
     def _peer_lost(self, exc, what):
         # gloo and NCCL report a peer that stopped responding (the process group's timeout) or

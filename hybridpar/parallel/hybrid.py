@@ -26,7 +26,9 @@ from torch import nn
 
 from hybridpar.comm import regions
 from hybridpar.comm.base import Communicator, even_split
-from hybridpar.parallel.data_parallel import TrunkSync
+from hybridpar.errors import ShardingError
+from hybridpar.parallel.data_parallel import TrunkSync, allreduce_gradients
+from hybridpar.parallel.sync_bn import sync_batch_norms
 from hybridpar.parallel.head import Move, shard_head
 from hybridpar.parallel.linear import ShardSpec
 from hybridpar.parallel.cost import scheme_rounds
@@ -50,17 +52,29 @@ class HybridModel(nn.Module):
         comm_dtype: torch.dtype | None = None,
         overlap: bool = True,
         bucket_cap: int = 1 << 20,
+        fc_group_size: int | None = None,
+        sync_bn: bool = True,
     ):
         super().__init__()
-        self.comm = comm
+        K = comm.world_size
+        G = K if fc_group_size is None else fc_group_size
+        if not 1 <= G <= K or K % G:
+            raise ShardingError(f"parallel.fc_group_size={G} must divide the number of workers ({K})")
+        # The 2-D hybrid: the head is sharded inside groups of G consecutive workers (``comm``,
+        # where the activations move) and each shard's gradient is summed over the K/G workers
+        # holding the same shard (``replicas``); the trunk's over all K (``world``). G = K: the paper's.
+        self.world = comm
+        self.comm = comm.split([[g * G + i for i in range(G)] for g in range(K // G)]) if G < K else comm
+        self.replicas = comm.split([[g * G + i for g in range(K // G)] for i in range(G)]) if G < K else None
         # The dtype the features and their gradients travel in (None: as computed). bf16 halves
         # the activation bytes; every accumulation stays in the compute dtype.
         self.comm_dtype = comm_dtype
         self.overlap = overlap
         with MODEL_LOCK:  # tracing and cutting a model shared by emulated workers: one at a time
-            self._build(model, comm, plan, head, seed, bucket_cap, overlap)
+            self._build(model, plan, head, seed, bucket_cap, overlap, sync_bn)
 
-    def _build(self, model, comm, plan, head, seed, bucket_cap, overlap) -> None:
+    def _build(self, model, plan, head, seed, bucket_cap, overlap, sync_bn) -> None:
+        comm, world = self.comm, self.world
         self.trunk_names, self.head_name = split_trunk_head(model, head)
         full_head = getattr(model, self.head_name)
         # A bare Linear head (ResNet's fc) keeps its own name: "fc.weight", not "fc.0.weight".
@@ -68,13 +82,16 @@ class HybridModel(nn.Module):
         # Check the head before touching anything: a bad layer is reported before any collective.
         sharded, self.program, self.styles = shard_head(
             nn.Sequential(full_head) if self._bare_head else full_head, self.head_name, comm.rank, comm.world_size,
-            plan, dropout_seed=seed * 1_000_003 + comm.rank * 10_007,
+            plan, dropout_seed=seed * 1_000_003 + world.rank * 10_007,
         )  # fmt: skip
         for n in self.trunk_names:
             self.add_module(n, copy.deepcopy(getattr(model, n)))
+            if sync_bn and world.world_size > 1:
+                # BatchNorm over the global batch, so the hybrid stays the single device (sync_bn.py).
+                sync_batch_norms(getattr(self, n), world, n)
         self.add_module(self.head_name, sharded[0] if self._bare_head else sharded)
         self._first_move = next(i for i, op in enumerate(self.program) if isinstance(op, Move))
-        self.trunk_sync = TrunkSync(self.trunk_parameters(), comm, bucket_cap=bucket_cap, overlap=overlap)
+        self.trunk_sync = TrunkSync(self.trunk_parameters(), world, bucket_cap=bucket_cap, overlap=overlap)
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -119,10 +136,13 @@ class HybridModel(nn.Module):
         after every round, on the mean over that round's examples (FC batch b, conv batch K·b);
         the conv layers still get the mean over all K·b examples.
         """
+        if fc_batch == "chunk" and self.replicas is not None:
+            raise ShardingError("parallel.fc_batch=chunk updates the head shards every round; the 2-D layout "
+                                "(fc_group_size < workers) sums them across groups once per step: use fc_batch=full")  # fmt: skip
         if scheme == "a":
             with autocast():
                 logits = self(x)
-            loss = global_mean_loss(logits.float(), y, self.comm)
+            loss = global_mean_loss(logits.float(), y, self.world)
             loss.backward()
             self.sync_gradients()
             return loss.detach(), logits.detach()
@@ -134,7 +154,7 @@ class HybridModel(nn.Module):
         self.comm.agree("local batch shape", tuple(x.shape))
         with autocast():
             h0 = self._run(self.program[:first], self.forward_trunk(x), [])
-        total = K * x.shape[0]
+        total = self.world.world_size * x.shape[0]  # the global batch: every group's rounds
         sizes = scheme_rounds(scheme, x.shape[0], K)
         rows = own_rows(sizes, comm.rank)
         wire = self.comm_dtype or h0.dtype
@@ -194,8 +214,11 @@ class HybridModel(nn.Module):
     def sync_gradients(self) -> None:
         """Finish summing the trunk replicas' gradients (see the module docstring for why SUM).
 
-        The buckets' all-reduces were issued during backward, as their gradients became ready."""
+        The buckets' all-reduces were issued during backward, as their gradients became ready.
+        In the 2-D layout the head shards' gradients are then summed over their replicas."""
         self.trunk_sync.finish()
+        if self.replicas is not None:
+            allreduce_gradients(self.head_parameters(), self.replicas, tag="fc_grads")
 
     # ---- layout ---------------------------------------------------------------------------
 

@@ -63,9 +63,9 @@ def timed_steps(step, batches, device, steps: int, warmup: int) -> tuple[list[fl
     return times, [float(v) for v in losses]
 
 
-def make_step(impl: str, comm, device, precision: str):
+def make_step(impl: str, comm, device, precision: str, channels_last: bool):
     model = build_seeded(lambda: torchvision.models.alexnet(num_classes=1000, dropout=0.0), 0).to(device)
-    if impl == "plain_cl":  # reference point for the fast path: the plain loop with channels_last
+    if channels_last:  # the fast path's memory format, for both loops alike
         model = model.to(memory_format=torch.channels_last)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     if impl == "hybridpar":
@@ -73,8 +73,6 @@ def make_step(impl: str, comm, device, precision: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def plain(x, y):
-        if impl == "plain_cl":
-            x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
         with amp():
             out = model(x)
@@ -89,7 +87,10 @@ def make_step(impl: str, comm, device, precision: str):
         opt.step()
         return loss
 
-    return hybrid if impl == "hybridpar" else plain
+    step = hybrid if impl == "hybridpar" else plain
+    if not channels_last:
+        return step
+    return lambda x, y: step(x.contiguous(memory_format=torch.channels_last), y)
 
 
 def main() -> None:
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batches", type=int, default=8, help="distinct batches, cycled")
     ap.add_argument("--precision", default="fp32,bf16")
-    ap.add_argument("--channels-last", action="store_true", help="also time the plain loop with channels_last")
+    ap.add_argument("--channels-last", action="store_true", help="also time both loops with channels_last")
     ap.add_argument("--json")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -112,25 +113,27 @@ def main() -> None:
     batches = fake_batches(args.batches, args.batch, pin=cuda)
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     rows = []
+    layouts = (False, True) if args.channels_last else (False,)
     for precision in args.precision.split(","):
-        impls = ("plain", "hybridpar") + (("plain_cl",) if args.channels_last else ())
-        times: dict[str, list[float]] = {k: [] for k in impls}
-        losses: dict[str, list[float]] = {}
-        for impl in impls * 2:
-            t, loss = timed_steps(make_step(impl, comm, device, precision), batches, device, args.steps, args.warmup)
-            times[impl] += t
-            losses.setdefault(impl, loss)  # the first visit of each: same start, same batches
-        med = {k: statistics.median(v) for k, v in times.items()}
-        diff = max(abs(a - b) for a, b in zip(losses["plain"], losses["hybridpar"]))
-        for impl in impls:
-            rows.append(dict(device=name, precision=precision, impl=impl, batch=args.batch, step_s=med[impl],
-                             images_per_s=args.batch / med[impl], overhead=med[impl] / med["plain"] - 1,
-                             max_loss_diff=diff, torch=torch.__version__))  # fmt: skip
+        for cl in layouts:
+            times: dict[str, list[float]] = {"plain": [], "hybridpar": []}
+            losses: dict[str, list[float]] = {}
+            for impl in ("plain", "hybridpar") * 2:
+                step = make_step(impl, comm, device, precision, cl)
+                t, loss = timed_steps(step, batches, device, args.steps, args.warmup)
+                times[impl] += t
+                losses.setdefault(impl, loss)  # the first visit of each: same start, same batches
+            med = {k: statistics.median(v) for k, v in times.items()}
+            diff = max(abs(a - b) for a, b in zip(losses["plain"], losses["hybridpar"]))
+            for impl in ("plain", "hybridpar"):
+                rows.append(dict(device=name, precision=precision, layout="channels_last" if cl else "NCHW", impl=impl,
+                                 batch=args.batch, step_s=med[impl], images_per_s=args.batch / med[impl],
+                                 overhead=med[impl] / med["plain"] - 1, max_loss_diff=diff, torch=torch.__version__))  # fmt: skip
     print(f"{name}, torch {torch.__version__}, AlexNet 224 px, b = {args.batch}, medians of 2 × {args.steps} steps")
-    print("| precision | loop | step ms | images/s | overhead vs plain | max |Δloss| over the steps |")
-    print("|---|---|---|---|---|---|")
+    print("| precision | layout | loop | step ms | images/s | overhead vs plain | max |Δloss| over the steps |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['precision']} | {r['impl']} | {r['step_s'] * 1e3:.2f} | {r['images_per_s']:.0f} | "
+        print(f"| {r['precision']} | {r['layout']} | {r['impl']} | {r['step_s'] * 1e3:.2f} | {r['images_per_s']:.0f} | "
               f"{r['overhead']:+.1%} | {r['max_loss_diff']:.1e} |", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "a") as fh:

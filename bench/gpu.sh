@@ -5,15 +5,17 @@
 #   3. the training app end to end on the device (FakeData, 30 steps, bf16, channels_last, compile).
 #   bash bench/gpu.sh [OUTDIR]        (PYTHON=... to choose the interpreter)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out="${1:-bench/out/gpu}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 if "$py" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then dev=cuda; else dev=cpu; fi
+small=()
+[ "$dev" = cpu ] && small=(--batch 32 --steps 5 --warmup 2)
 status=0
 nvidia-smi -L 2>/dev/null
 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 bench/gpu.py --channels-last --json "$out/gpu.jsonl" \
-  $([ "$dev" = cpu ] && echo --batch 32 --steps 5 --warmup 2) || status=1
+  "${small[@]}" || status=1
 for p in fp32 bf16; do
   "$py" -m hybridpar.costmodel profile --device "$dev" --batch 128 --precision "$p" --out "$out/profile_${dev}_$p.json" || status=1
 done

@@ -12,9 +12,8 @@ from __future__ import annotations
 from docs_section import DOCS, write_section
 
 from hybridpar.parallel.cost import ddp_step_bytes, two_d_step_bytes
-from hybridpar.parallel.data_parallel import trunk_bucket_numels
 from hybridpar.parallel.head import choose_styles
-from hybridpar.plan import build, head_widths
+from hybridpar.plan import build, head_widths, trunk_buckets
 
 KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 B = 128
@@ -23,7 +22,7 @@ B = 128
 def rows(name: str) -> list[tuple[int, float, float, float, int]]:
     model = build(name, 1000, 3)
     widths = head_widths(model)
-    trunk = trunk_bucket_numels([p.numel() for n, p in model.named_parameters() if not n.startswith("classifier")])
+    trunk = trunk_buckets(model)
     n_all = sum(p.numel() for p in model.parameters())
     out = []
     for K in KS:

@@ -71,6 +71,10 @@ def _specs(model: nn.Module) -> dict[str, ShardSpec]:
     return model.shard_specs() if isinstance(model, HybridModel) else {}
 
 
+def _full_shapes(model: nn.Module, plain: nn.Module) -> dict[str, list[int]]:
+    return model.full_shapes() if isinstance(model, HybridModel) else {n: list(t.shape) for n, t in plain.state_dict().items()}
+
+
 def _param_names(plain: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in plain.named_parameters()}
 
@@ -160,7 +164,7 @@ def save(comm: Communicator, root: Path, *, model: nn.Module, plain: nn.Module, 
     errors = [e for _, e in records if e]
     if not errors and comm.rank == 0:
         try:
-            ref = model.full_shapes() if isinstance(model, HybridModel) else {n: list(t.shape) for n, t in plain.state_dict().items()}
+            ref = _full_shapes(model, plain)
             meta = {
                 "format": FORMAT, "step": position.step, "epoch": position.epoch,
                 "step_in_epoch": position.step_in_epoch, "world_size": comm.world_size, "scheme": scheme,
@@ -278,7 +282,7 @@ def load(comm: Communicator, path: Path, meta: Mapping[str, Any], *, model: nn.M
     the position and the schedule state. RNG streams are restored when the world size and scheme
     are the ones that wrote it (otherwise every worker's streams start from the seed again)."""
     path = Path(path)
-    here = model.full_shapes() if isinstance(model, HybridModel) else {n: list(t.shape) for n, t in plain.state_dict().items()}
+    here = _full_shapes(model, plain)
     there = meta["shapes"]
     for n in sorted(set(here) | set(there)):
         if n not in there or n not in here:

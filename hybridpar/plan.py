@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hybridpar import costmodel as cm
+from hybridpar.models.split import split_trunk_head
 from hybridpar.parallel.cost import ddp_step_bytes, two_d_step_bytes
 from hybridpar.parallel.data_parallel import trunk_bucket_numels
 from hybridpar.parallel.head import choose_styles, linear_widths
@@ -54,8 +55,6 @@ def build(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
 def layer_table(model: nn.Module, image_size: int, in_channels: int, styles: Sequence[str]) -> list[tuple]:
     """``(name, kind, parameters, activation elements per example, parallelism)`` per layer with weights."""
-    from hybridpar.models.split import split_trunk_head
-
     trunk, head = split_trunk_head(model)
     shapes: dict[str, tuple] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
@@ -81,11 +80,8 @@ def layer_table(model: nn.Module, image_size: int, in_channels: int, styles: Seq
 
 
 def layouts(model: nn.Module, K: int, b: int, link: cm.Link, profile: cm.Profile | None, plan) -> list[Layout]:
-    from hybridpar.models.split import split_trunk_head
-
-    trunk_names, _ = split_trunk_head(model)
     widths = head_widths(model)
-    trunk = trunk_bucket_numels([p.numel() for n in trunk_names for p in getattr(model, n).parameters()])
+    trunk = trunk_buckets(model)
     n_all = sum(p.numel() for p in model.parameters())
     out = []
 
@@ -107,11 +103,8 @@ def layouts(model: nn.Module, K: int, b: int, link: cm.Link, profile: cm.Profile
 def fewest_bytes_group(model: nn.Module, K: int, b: int, plan="min_bytes", head: str | None = None) -> int:
     """The FC group size G (dividing K) whose 2-D layout sends the fewest bytes per worker and step
     (``parallel.fc_group_size=auto``); ties go to the larger G (fewer head-gradient all-reduces)."""
-    from hybridpar.models.split import split_trunk_head
-
-    trunk_names, _ = split_trunk_head(model, head)
     widths = head_widths(model, head)
-    trunk = trunk_bucket_numels([p.numel() for n in trunk_names for p in getattr(model, n).parameters()])
+    trunk = trunk_buckets(model, head)
     options = [g for g in range(1, K + 1) if K % g == 0]
     return min(options, key=lambda g: (two_d_step_bytes(widths, choose_styles(widths, g, plan), trunk, b, K, g), -g))
 
@@ -154,10 +147,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nchosen: {choice.name}" + (f" (parallel.fc_group_size={choice.G})" if choice.G else " (parallel.scheme=ddp)"))
 
 
+def trunk_buckets(model: nn.Module, head: str | None = None) -> list[int]:
+    """Element counts of the trunk's gradient buckets (what its all-reduce moves)."""
+    trunk_names, _ = split_trunk_head(model, head)
+    return trunk_bucket_numels([p.numel() for n in trunk_names for p in getattr(model, n).parameters()])
+
+
 def head_widths(model: nn.Module, head: str | None = None) -> list[tuple[int, int]]:
     """``(in, out)`` of each Linear of the model's head."""
-    from hybridpar.models.split import split_trunk_head
-
     _, head = split_trunk_head(model, head)
     m = getattr(model, head)
     return [(i, o) for _, i, o in linear_widths(nn.Sequential(m) if isinstance(m, nn.Linear) else m, head, 1)]

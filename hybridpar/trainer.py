@@ -332,7 +332,8 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                     if emulated_ddp:
                         _average_gradients(s.plain, comm)
                 step_comm_s, step_bytes = comm.ledger.seconds, comm.ledger.sent
-                if not _all_finite(comm, loss):
+                loss_value = loss.item()  # one host sync per step, read by the check and the log
+                if not _all_finite(comm, math.isfinite(loss_value)):
                     # Every worker sees the same verdict (one tiny all-reduce), so all skip or all stop.
                     if not cfg.trainer.get("skip_nonfinite", False):
                         last = f"step {saved_at}" if saved_at is not None else "none written yet"
@@ -353,8 +354,8 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                 meter.comm_bytes.append(step_bytes)
                 meter.train_s += dt
                 meter.images += x.shape[0] * K
-                if math.isfinite(loss.item()):
-                    loss_sum += loss.item()
+                if math.isfinite(loss_value):
+                    loss_sum += loss_value
                     loss_n += 1
                 step += 1
                 if fault.get("kill") == step:
@@ -452,8 +453,9 @@ def _resume(comm: Communicator, cfg: DictConfig, root: Path, s: Setup, schedule:
     return position
 
 
-def _all_finite(comm: Communicator, loss: torch.Tensor) -> bool:
-    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+def _all_finite(comm: Communicator, finite: bool) -> bool:
+    """Whether every worker's loss is finite (one tiny all-reduce: all workers get the same verdict)."""
+    bad = torch.tensor([0.0 if finite else 1.0])
     if comm.world_size > 1:
         bad = comm.all_reduce(bad, tag="nonfinite_check")
     return bad.item() == 0

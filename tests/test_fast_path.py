@@ -38,3 +38,22 @@ def test_compiled_trunk_trains_the_same_weights(tmp_path):
     assert compiled.keys() == plain.keys()  # compiled in place: the names are the model's
     for n in plain:
         torch.testing.assert_close(compiled[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_the_fast_path_is_applied_to_the_trunk():
+    """The equal-weights tests above would also pass if the switches did nothing: check the effect."""
+    from omegaconf import OmegaConf
+
+    from hybridpar.models import alexnet_small
+    from hybridpar.trainer import _fast_path, _inputs
+
+    cfg = OmegaConf.create({"trainer": {"channels_last": True, "compile": True, "deterministic": False}})
+    model = alexnet_small(10, 0.0, in_channels=3, channels=(8, 16, 24, 16, 16), hidden=32)
+    _fast_path(cfg, model, ["features", "avgpool"], torch.device("cpu"))
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.features._compiled_call_impl is not None and model.classifier._compiled_call_impl is None
+    assert _inputs(torch.randn(2, 3, 8, 8), torch.device("cpu"), cfg).is_contiguous(memory_format=torch.channels_last)
+    plain = alexnet_small(10, 0.0, in_channels=3, channels=(8, 16, 24, 16, 16), hidden=32)
+    _fast_path(OmegaConf.create({"trainer": {"deterministic": False}}), plain, ["features", "avgpool"], torch.device("cpu"))
+    assert not plain.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.features._compiled_call_impl is None

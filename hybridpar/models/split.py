@@ -18,7 +18,7 @@ from hybridpar.models.seeded import MODEL_LOCK
 
 # Calls allowed between the trunk and the head: flattening the features.
 _FLATTEN = {torch.flatten, torch.Tensor.flatten, torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
-_FLATTEN_METHODS = {"flatten", "view", "reshape", "size"}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
 
 
 class _TopLevel(fx.Tracer):

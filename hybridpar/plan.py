@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from hybridpar import costmodel as cm
-from hybridpar.models.split import split_trunk_head
+from hybridpar.models.split import split_model
 from hybridpar.parallel.cost import ddp_step_bytes, two_d_step_bytes
 from hybridpar.parallel.data_parallel import trunk_bucket_numels
-from hybridpar.parallel.head import choose_styles, linear_widths
+from hybridpar.parallel.head import choose_styles
 
 DEFAULTS = {"model": "alexnet", "world_size": "8", "batch": "128", "bandwidth": "10gbit", "num_classes": "1000",
             "image_size": "224", "in_channels": "3", "alpha_us": "10", "plan": "min_bytes", "profile": ""}  # fmt: skip
@@ -42,25 +42,37 @@ class Layout:
 
 def build(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """The model on the meta device: shapes and parameter counts, no memory, no init cost."""
+    import torchvision
     from omegaconf import OmegaConf
 
-    from hybridpar.models import build_model
+    from hybridpar.models import VGG_DEPTHS, build_model
 
     cfg = {"name": name, "dropout": 0.5}
+    if name not in ("alexnet", "alexnet_small", *VGG_DEPTHS) and name in torchvision.models.list_models(module=torchvision.models):
+        cfg = {"name": "torchvision", "arch": name}  # any other torchvision model by its own name
     if name == "alexnet_small":
         cfg |= {"channels": [32, 64, 96, 64, 64], "hidden": 512, "pool_size": 3}
-    with torch.device("meta"):
-        return build_model(OmegaConf.create(cfg), num_classes, in_channels, 0)
+    return on_meta(lambda: build_model(OmegaConf.create(cfg), num_classes, in_channels, 0))
+
+
+def on_meta(factory):
+    """``factory()`` on the meta device (no memory, no init cost); on the CPU for the models whose
+    constructor computes with tensors (RegNet derives its widths with torch ops)."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except (NotImplementedError, RuntimeError):  # "cannot copy out of meta tensor", "not on the expected device"
+        return factory()
 
 
 def layer_table(model: nn.Module, image_size: int, in_channels: int, styles: Sequence[str]) -> list[tuple]:
     """``(name, kind, parameters, activation elements per example, parallelism)`` per layer with weights."""
-    trunk, head = split_trunk_head(model)
+    head = set(split_model(model).head_names)
     shapes: dict[str, tuple] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
              for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]  # fmt: skip
     with torch.no_grad():
-        model(torch.zeros(1, in_channels, image_size, image_size, device="meta"))
+        model(torch.zeros(1, in_channels, image_size, image_size, device=next(model.parameters()).device))
     for h in hooks:
         h.remove()
     rows, k = [], 0
@@ -71,7 +83,7 @@ def layer_table(model: nn.Module, image_size: int, in_channels: int, styles: Seq
         act = 1
         for d in shapes[n]:
             act *= d
-        if n.split(".")[0] == head:
+        if n in head:
             rows.append((n, type(m).__name__, params, act, f"model parallel ({styles[k]})"))
             k += 1
         else:
@@ -149,15 +161,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def trunk_buckets(model: nn.Module, head: str | None = None) -> list[int]:
     """Element counts of the trunk's gradient buckets (what its all-reduce moves)."""
-    trunk_names, _ = split_trunk_head(model, head)
-    return trunk_bucket_numels([p.numel() for n in trunk_names for p in getattr(model, n).parameters()])
+    split = split_model(model, head)
+    return trunk_bucket_numels([p.numel() for n, p in model.named_parameters() if not split.is_head_parameter(n)])
 
 
 def head_widths(model: nn.Module, head: str | None = None) -> list[tuple[int, int]]:
     """``(in, out)`` of each Linear of the model's head."""
-    _, head = split_trunk_head(model, head)
-    m = getattr(model, head)
-    return [(i, o) for _, i, o in linear_widths(nn.Sequential(m) if isinstance(m, nn.Linear) else m, head, 1)]
+    return [(m.in_features, m.out_features) for m in split_model(model, head).head_layers(model) if isinstance(m, nn.Linear)]
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-            backend = "nccl"
+            # CUDA tensors over NCCL; the small control messages (non-finite vote, metrics), CPU
+            # tensors, over gloo: NCCL alone cannot move a CPU tensor.
+            backend = "cpu:gloo,cuda:nccl"
         else:
             device, backend = torch.device("cpu"), "gloo"
             torch.set_num_threads(_threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

@@ -29,7 +29,7 @@ from hybridpar.comm import Communicator, DistCommunicator
 from hybridpar.data import build_datasets, eval_batches, train_loader
 from hybridpar.errors import ConfigError, HybridparError
 from hybridpar.models import build_model
-from hybridpar.models.split import split_trunk_head
+from hybridpar.models.split import split_model
 from hybridpar.optim import Schedule, learning_rates, sgd
 from hybridpar.parallel import HybridModel
 from hybridpar.parallel.data_parallel import allreduce_gradients, ledger_allreduce_hook
@@ -132,7 +132,7 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     full = build_model(cfg.model, data.num_classes, data.in_channels, cfg.seed)
     if cfg.model.get("init_from"):
         _init_from(full, cfg.model.init_from)
-    trunk_names, _ = split_trunk_head(full, cfg.model.get("head"))
+    split = split_model(full, cfg.model.get("head"))
 
     if cfg.parallel.scheme != "ddp":
         model = HybridModel(
@@ -155,16 +155,16 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     # variance argument scales their rate by √K relative to the configured one, linear by K.
     conv_lr = cfg.optim.lr * LR_SCALES[cfg.optim.get("conv_lr_scale", "none")](K)
     groups = [
-        {"name": "conv", "params": [p for n, p in plain.named_parameters() if n.split(".")[0] in trunk_names],
+        {"name": "conv", "params": [p for n, p in plain.named_parameters() if not split.is_head_parameter(n)],
          "lr": conv_lr},
-        {"name": "fc", "params": [p for n, p in plain.named_parameters() if n.split(".")[0] not in trunk_names]},
+        {"name": "fc", "params": [p for n, p in plain.named_parameters() if split.is_head_parameter(n)]},
     ]  # fmt: skip
     optimizer = sgd(groups, cfg.optim)
     loader = train_loader(
         data.train, local_batch=b, rank=comm.rank, world_size=K, seed=cfg.seed,
         num_workers=cfg.data.get("num_workers", 0), pin_memory=device.type == "cuda",
     )  # fmt: skip
-    _fast_path(cfg, model if cfg.parallel.scheme != "ddp" else plain, trunk_names, device)
+    _fast_path(cfg, model if cfg.parallel.scheme != "ddp" else plain, split.trunk_module_names(), device)
     return Setup(model, plain, optimizer, b, loader, data.val, data.num_classes)
 
 
@@ -176,7 +176,7 @@ def _fast_path(cfg: DictConfig, model: nn.Module, trunk_names: list[str], device
         model.to(memory_format=torch.channels_last)
     if cfg.trainer.get("compile", False):
         for n in trunk_names:
-            getattr(model, n).compile()
+            model.get_submodule(n).compile()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(cfg.trainer.get("cudnn_benchmark", True)) and not cfg.trainer.deterministic
 
@@ -333,7 +333,7 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                         _average_gradients(s.plain, comm)
                 step_comm_s, step_bytes = comm.ledger.seconds, comm.ledger.sent
                 loss_value = loss.item()  # one host sync per step, read by the check and the log
-                if not _all_finite(comm, math.isfinite(loss_value)):
+                if not comm.all_finite(math.isfinite(loss_value)):
                     # Every worker sees the same verdict (one tiny all-reduce), so all skip or all stop.
                     if not cfg.trainer.get("skip_nonfinite", False):
                         last = f"step {saved_at}" if saved_at is not None else "none written yet"
@@ -451,14 +451,6 @@ def _resume(comm: Communicator, cfg: DictConfig, root: Path, s: Setup, schedule:
         log.info("resuming from %s (step %d, epoch %d, batch %d of the epoch)", path, position.step, position.epoch,
                  position.step_in_epoch)  # fmt: skip
     return position
-
-
-def _all_finite(comm: Communicator, finite: bool) -> bool:
-    """Whether every worker's loss is finite (one tiny all-reduce: all workers get the same verdict)."""
-    bad = torch.tensor([0.0 if finite else 1.0])
-    if comm.world_size > 1:
-        bad = comm.all_reduce(bad, tag="nonfinite_check")
-    return bad.item() == 0
 
 
 def _fault(comm: Communicator) -> dict[str, int]:

@@ -77,7 +77,7 @@ def hybrid_worker(comm: Communicator, case: Case, model: nn.Module | None = None
     )  # fmt: skip
     opt = case.optimizer(hybrid.parameters())
     lo, hi = comm.rank * case.local_batch, (comm.rank + 1) * case.local_batch
-    out: dict = {"specs": hybrid.shard_specs(), "styles": hybrid.styles, "group_size": hybrid.comm.world_size, "trunk": [n for n, _ in hybrid.named_parameters() if n.split(".")[0] in hybrid.trunk_names]}
+    out: dict = {"specs": hybrid.shard_specs(), "styles": hybrid.styles, "group_size": hybrid.comm.world_size, "trunk": [n for n, _ in hybrid.named_parameters() if not hybrid.split.is_head_parameter(n)]}
     for step, (x, y) in enumerate(case.batches()):
         comm.ledger.reset()
         opt.zero_grad(set_to_none=True)

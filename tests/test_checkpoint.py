@@ -229,6 +229,20 @@ def test_nan_loss_stops_naming_the_step_or_is_skipped(tmp_path):
     assert all(torch.isfinite(t).all() for t in _final(tmp_path / "b").values())
 
 
+@pytest.mark.timeout(300)
+def test_nan_loss_in_chunk_mode_leaves_the_head_of_the_last_good_step(tmp_path):
+    """fc_batch=chunk updates the head inside the step: a NaN step must still leave every weight
+    (head shards included) as the previous step left them (the momentum: test_schemes)."""
+    run = _train(tmp_path / "c", "trainer.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=null",
+                 "trainer.skip_nonfinite=true", "parallel.scheme=b", "parallel.fc_batch=chunk", fault="nan@3")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    step2 = checkpoint.full_state_dict(tmp_path / "c" / "checkpoints" / "step-00000002")
+    step3 = checkpoint.full_state_dict(tmp_path / "c" / "checkpoints" / "step-00000003")
+    assert any(k.startswith("classifier.") for k in step2)
+    for name, t in step2.items():
+        assert torch.equal(t, step3[name]), name
+
+
 TORCH_EXACT = ["trainer.max_steps=8", "checkpoint.every_steps=3", "trainer.deterministic=true", *QUIET]
 
 

@@ -3,6 +3,7 @@ heads; every one equal to its single device; splits the hybrid cannot run are re
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,13 +20,15 @@ from hybridpar.errors import ShardingError
 from hybridpar.models import build_seeded, vgg
 from hybridpar.verify import Case, compare, hybrid_worker, reference
 from tests.helpers import results, run_gloo
-from tests.user_models import BareFc, SkipAcross, TinyNet
+from tests.user_models import BareFc, BatchMixer, FunctionalHead, SkipAcross, TiedHead, TinyNet
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
     "vgg11_small": lambda: vgg("vgg11", 10, 0.0, width=16, hidden=48, pool_size=1),
     "user_tinynet": lambda: TinyNet(10),
     "user_bare_fc": lambda: BareFc(10),
+    "user_skip_across": lambda: SkipAcross(10),
+    "user_functional_head": lambda: FunctionalHead(10),
 }
 
 
@@ -64,21 +67,35 @@ def test_vgg_is_torchvisions_architecture():
         ours.load_state_dict(theirs.state_dict(), strict=True)
 
 
-def test_torchvision_models_split_where_expected():
-    from hybridpar.models.split import split_trunk_head
+def test_models_split_where_their_graph_says():
+    from hybridpar.models.split import split_model
 
-    assert split_trunk_head(torchvision.models.alexnet()) == (["features", "avgpool"], "classifier")
-    assert split_trunk_head(torchvision.models.resnet18())[1] == "fc"
-    assert split_trunk_head(TinyNet()) == (["body", "pool"], "head")
+    def split(model):
+        found = split_model(model)
+        return found.trunk_module_names(), found.head_labels
+
+    assert split(torchvision.models.alexnet()) == (["features", "avgpool"], [f"classifier.{i}" for i in range(7)])
+    trunk, head = split(torchvision.models.resnet18())
+    assert head == ["fc"] and trunk[:4] == ["conv1", "bn1", "relu", "maxpool"] and trunk[-1] == "avgpool"
+    # Functional pooling and flatten between the trunk and the classifier stay on the trunk side.
+    assert split(torchvision.models.mobilenet_v2()) == (["features"], ["classifier.0", "classifier.1"])
+    assert split(torchvision.models.shufflenet_v2_x0_5())[1] == ["fc"]
+    # ConvNeXt's per-example LayerNorm2d and Flatten inside its classifier belong to the trunk.
+    assert split(torchvision.models.convnext_tiny()) == (["features", "avgpool", "classifier.0", "classifier.1"], ["classifier.2"])
+    assert split(TinyNet()) == (["body", "pool"], [f"head.{i}" for i in range(5)])
+    assert split(FunctionalHead()) == (["conv"], ["fc1", "relu_1", "fc2"])  # relu_1: the F.relu call's node
 
 
 @pytest.mark.parametrize(
     "model, head, pattern",
     [
-        (SkipAcross(), None, r"pool does not take b alone as its input \(found \(add,\)\)"),
-        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2), nn.Conv2d(1, 1, 1)), None, r"must be an nn.Sequential"),
-        (TinyNet(), "pool", r"must be an nn.Sequential of Linear"),
-        (TinyNet(), "nope", r"its top-level modules are \['body', 'pool', 'head'\]"),
+        (torchvision.models.squeezenet1_0(), None, r"does not end in Linear layers .* train it data-parallel"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2), nn.Conv2d(1, 1, 1)), None, r"does not end in Linear layers"),
+        (BatchMixer(), None, r"reduces over the batch dimension"),
+        (TiedHead(), None, r"calls \['embed'\] more than once, so layers of the head share weights"),
+        (torchvision.models.googlenet(aux_logits=True, init_weights=False), None, r"aux_logits=False"),
+        (TinyNet(), "pool", r"the head can only be a tail of Linear and elementwise layers"),
+        (TinyNet(), "nope", r"no such module; its top-level modules are \['body', 'pool', 'head'\]"),
     ],
 )
 def test_splits_the_hybrid_cannot_run_are_refused_before_any_collective(model, head, pattern):
@@ -108,5 +125,12 @@ def test_vgg_and_custom_models_train_from_the_command_line(tmp_path):
     assert "features" not in (tmp_path / "u" / "summary.json").read_text()  # sanity: the run wrote its summary
     bad = _train("model=custom", "model.target=tests.user_models:NoSuchNet", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("hybridpar: error: model.target=tests.user_models:NoSuchNet: cannot import it")
-    skip = _train("model=custom", "model.target=tests.user_models:SkipAcross", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
-    assert skip.returncode == 2 and "does not take" in skip.stderr, skip.stderr[-2000:]
+    tv = _train("model=torchvision", "model.arch=resnet18", "data=fake", "data.image_size=32", "data.size=48",
+                "data.val_size=16", "data.num_classes=10", "data.batch_size=8", "data.num_workers=0",
+                f"hydra.run.dir={tmp_path / 't'}", cwd=tmp_path)  # fmt: skip
+    assert tv.returncode == 0, tv.stderr[-2000:]
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["steps"] == 3
+    bad_arch = _train("model=torchvision", "model.arch=resnet7", "data=fake", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert bad_arch.returncode == 2 and "model.arch='resnet7' is not a torchvision classification model" in bad_arch.stderr
+    mixer = _train("model=custom", "model.target=tests.user_models:BatchMixer", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert mixer.returncode == 2 and "reduces over the batch dimension" in mixer.stderr, mixer.stderr[-2000:]

@@ -32,3 +32,12 @@ def test_cli_prints_layers_layouts_and_a_choice():
     assert out.stdout.strip().splitlines()[-1].startswith("chosen: 2-D hybrid, G = 8")
     bad = subprocess.run([sys.executable, "-m", "hybridpar.plan", "workers=3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("hybridpar.plan: error: 'workers=3': use key=value")
+
+
+def test_cli_takes_any_torchvision_model_by_name():
+    # RegNet computes its widths with tensors, so it is built on the CPU instead of the meta device.
+    out = subprocess.run([sys.executable, "-m", "hybridpar.plan", "model=regnet_y_400mf", "world_size=8"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "| fc | Linear | 441,000 | 1,000 | model parallel (" in out.stdout
+    assert "| stem.0 | Conv2d | 864 |" in out.stdout and "chosen: " in out.stdout

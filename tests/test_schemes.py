@@ -2,8 +2,6 @@
 fc_batch=chunk they equal a plain reference that performs the same updates; their bytes equal
 the closed forms; emulated = gloo; bf16 communication halves the activation bytes."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,3 +117,46 @@ def test_bf16_communication_halves_feature_bytes_and_stays_close(scheme):
     ref = reference(fp32)
     errors = compare(w16, ref, check=False)
     assert 0 < errors["logits"] < 5e-2  # bf16 rounding, not a broken exchange
+
+
+def _chunk_steps_with_nan(comm, bad_rank: int, K: int):
+    """Two clean chunk-mode steps, then a third whose ``bad_rank`` feeds NaN images; returns the
+    head before and after that step, the step's loss, and the momentum before and after."""
+    from hybridpar.parallel import HybridModel
+
+    case = Case(K, scheme="b", fc_batch="chunk", local_batch=2)
+    model = HybridModel(case.model(), comm)
+    opt = case.optimizer(model.parameters())
+    lo, hi = comm.rank * 2, (comm.rank + 1) * 2
+    batches = case.batches()
+    for x, y in batches[:2]:
+        opt.zero_grad(set_to_none=True)
+        model.train_step(x[lo:hi], y[lo:hi], scheme="b", fc_batch="chunk", optimizer=opt)
+        opt.step()
+
+    def head():
+        return {n: p.detach().clone() for n, p in model.named_parameters() if model.split.is_head_parameter(n)}
+
+    def momentum():
+        return [opt.state[p]["momentum_buffer"].clone() for p in model.head_parameters()]
+
+    before, m_before = head(), momentum()
+    x, y = batches[2]
+    x = x[lo:hi].clone()
+    if comm.rank == bad_rank:
+        x.fill_(float("nan"))
+    opt.zero_grad(set_to_none=True)
+    loss, _ = model.train_step(x, y[lo:hi], scheme="b", fc_batch="chunk", optimizer=opt)
+    return before, head(), m_before, momentum(), comm.all_finite(bool(torch.isfinite(loss)))
+
+
+@pytest.mark.parametrize("bad_rank", [0, 1, 2])  # scheme (b): round j holds worker j's examples
+def test_chunk_rounds_leave_the_head_as_it_was_when_a_round_is_not_finite(bad_rank):
+    """A NaN in round j: rounds before it have updated the head, and must be undone; no round
+    after it may update. The head and its momentum end as they were before the step."""
+    for before, after, m_before, m_after, finite in run_emulated(3, _chunk_steps_with_nan, bad_rank, 3):
+        assert not finite
+        for n in before:
+            assert torch.equal(before[n], after[n]), n
+        for a, b in zip(m_before, m_after, strict=True):
+            assert torch.equal(a, b)

@@ -38,11 +38,11 @@ class BareFc(nn.Module):
 
 
 class SkipAcross(nn.Module):
-    """Not a chain: a skip connection between top-level modules (the hybrid must refuse it)."""
+    """A skip connection between top-level modules: the trunk is the traced graph, not a chain."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.a = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.a = nn.Conv2d(in_channels, 4, 3, stride=2, padding=1)
         self.b = nn.Conv2d(4, 4, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.head = nn.Sequential(nn.Linear(16, num_classes))
@@ -51,3 +51,44 @@ class SkipAcross(nn.Module):
         x = self.a(x)
         x = x + self.b(x)
         return self.head(torch.flatten(self.pool(x), 1))
+
+
+class FunctionalHead(nn.Module):
+    """A head written with functions between its Linear layers: ``fc2(F.relu(fc1(x)))``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 6, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(6 * 4, 20)
+        self.fc2 = nn.Linear(20, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_max_pool2d(self.conv(x).relu(), 2).flatten(1)
+        return self.fc2(torch.nn.functional.relu(self.fc1(x)))
+
+
+class BatchMixer(nn.Module):
+    """Not per-example: the trunk subtracts the batch mean (the hybrid must refuse it)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        x = x - x.mean(0, keepdim=True)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class TiedHead(nn.Module):
+    """The head's Linear also used in the trunk (the hybrid must refuse it: the head is sharded)."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(4, 4)
+        self.fc = self.embed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.embed(x.flatten(1)[:, :4])))

@@ -145,6 +145,16 @@ class Communicator(ABC):
             listing = ", ".join(f"worker {i}: {s}" for i, s in enumerate(seen))
             raise BatchMismatchError(f"workers disagree on {what} ({listing}); every worker must use the same {what}")
 
+    def all_finite(self, finite: bool, what: str = "nonfinite_check") -> bool:
+        """Whether ``finite`` holds on every worker (e.g. its loss is finite). One tiny all-gather;
+        every worker gets the same verdict, so all of them skip, or stop, together."""
+        if self.world_size == 1:
+            return finite
+        t = torch.tensor([int(bool(finite))], dtype=torch.int64)
+        e = t.element_size()
+        self.ledger.record("agree", what, (self.world_size - 1) * e, (self.world_size - 1) * e)
+        return all(int(r[0]) == 1 for r in self._timed(self._gather_ints, t))
+
     def gather_objects(self, obj: object) -> list:
         """Every worker's picklable ``obj``, in rank order (setup-time control messages, e.g. errors).
 

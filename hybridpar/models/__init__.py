@@ -38,7 +38,34 @@ def build_model(cfg, num_classes: int, in_channels: int, seed: int):
         )  # fmt: skip
     if name == "custom":
         return build_seeded(lambda: custom(cfg, num_classes, in_channels), seed)
-    raise ConfigError(f"model.name={name!r} is not one of alexnet, alexnet_small, {', '.join(VGG_DEPTHS)}, custom")
+    if name == "torchvision":
+        return build_seeded(lambda: from_torchvision(cfg, num_classes, in_channels), seed)
+    raise ConfigError(f"model.name={name!r} is not one of alexnet, alexnet_small, {', '.join(VGG_DEPTHS)}, custom, torchvision")
+
+
+def from_torchvision(cfg, num_classes: int, in_channels: int):
+    """``model=torchvision model.arch=<name>``: torchvision's classification model, built untrained
+    with ``model.kwargs``; ``model.dropout`` (if set) replaces every dropout probability in it."""
+    import torchvision
+
+    from hybridpar.errors import ConfigError
+
+    arch = str(cfg.get("arch"))
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise ConfigError(f"model.arch={arch!r} is not a torchvision classification model: {', '.join(known)}")
+    if in_channels != 3:
+        raise ConfigError(f"model.arch={arch} takes 3-channel images; this data has {in_channels} channel(s): "
+                          "use data=imagenet or data=fake")  # fmt: skip
+    try:
+        model = torchvision.models.get_model(arch, num_classes=num_classes, **dict(cfg.get("kwargs") or {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.arch={arch} with model.kwargs={dict(cfg.get('kwargs') or {})}: {exc}") from None
+    if cfg.get("dropout") is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = float(cfg.dropout)
+    return model
 
 
 def custom(cfg, num_classes: int, in_channels: int):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -82,17 +84,19 @@ class TrunkSync:
         self._ready = [0] * len(self.buckets)
         self._inflight: list[tuple[int, object]] = []
         if comm.world_size > 1:
+            # The hooks hold this object weakly: torch keeps a parameter's hooks on its C++ side,
+            # out of the garbage collector's sight, so a strong reference back to these parameters
+            # would be a cycle never collected — every model built in one process (a sweep, the
+            # tests) would stay in memory.
+            me = weakref.ref(self)
             for i, p in enumerate(self.params):
-                p.register_post_accumulate_grad_hook(self._hook(i))
+                p.register_post_accumulate_grad_hook(functools.partial(_on_grad_ready, me, i))
 
-    def _hook(self, i: int):
-        def hook(_p: torch.nn.Parameter) -> None:
-            b = self._bucket_of[i]
-            self._ready[b] += 1
-            if self._ready[b] == len(self.buckets[b]):
-                self._launch(b)
-
-        return hook
+    def _ready_one(self, i: int) -> None:
+        b = self._bucket_of[i]
+        self._ready[b] += 1
+        if self._ready[b] == len(self.buckets[b]):
+            self._launch(b)
 
     def _launch(self, b: int) -> None:
         grads = [self.params[i].grad if self.params[i].grad is not None else torch.zeros_like(self.params[i])
@@ -116,6 +120,12 @@ class TrunkSync:
             _write_back([self.params[i] for i in self.buckets[b]], handle.wait())
         self._inflight.clear()
         self._ready = [0] * len(self.buckets)
+
+
+def _on_grad_ready(sync: weakref.ref, i: int, _p: torch.nn.Parameter) -> None:
+    owner = sync()
+    if owner is not None:
+        owner._ready_one(i)
 
 
 def trunk_bucket_numels(numels: Sequence[int], cap: int = 1 << 20) -> list[int]:

@@ -21,14 +21,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from hybridpar.errors import ShardingError
+from hybridpar.models.split import ELEMENTWISE_MODULES, Elementwise
 from hybridpar.parallel.cost import head_bytes, head_moves
 from hybridpar.parallel.linear import ColumnParallelLinear, RowParallelLinear, WorkerDropout
 
 # Layers that act on each activation independently: they may run on any part of a tensor.
-ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
-    nn.Hardtanh, nn.Hardswish, nn.Identity, nn.Dropout,
-)  # fmt: skip
+ELEMENTWISE = (*ELEMENTWISE_MODULES, Elementwise)
 
 
 @dataclass(frozen=True)
@@ -38,26 +36,27 @@ class Move:
     tag: str  # ledger tag: the head layer it feeds or leaves
 
 
-def linear_widths(head: nn.Sequential, name: str, world_size: int) -> list[tuple[int, int, int]]:
-    """``(index, in, out)`` of each Linear in ``head``; raises :class:`ShardingError` on any layer
-    the hybrid cannot shard, or a width smaller than the number of workers."""
+def linear_widths(head: Sequence[nn.Module], names: Sequence[str], world_size: int) -> list[tuple[int, int, int]]:
+    """``(index, in, out)`` of each Linear in ``head`` (its layers, named ``names``); raises
+    :class:`ShardingError` on any layer the hybrid cannot shard, or a width smaller than the
+    number of workers."""
     found = []
-    for i, m in enumerate(head):
+    for i, (m, name) in enumerate(zip(head, names, strict=True)):
         if isinstance(m, nn.Linear):
             for what, n in (("input", m.in_features), ("output", m.out_features)):
                 if n < world_size:
                     raise ShardingError(
-                        f"cannot shard {name}.{i} (Linear {m.in_features}->{m.out_features}) over {world_size} workers: "
+                        f"cannot shard {name} (Linear {m.in_features}->{m.out_features}) over {world_size} workers: "
                         f"its {what} width {n} is smaller than the number of workers"
                     )
             found.append((i, m.in_features, m.out_features))
         elif not isinstance(m, ELEMENTWISE):
             raise ShardingError(
-                f"cannot shard {name}.{i} ({type(m).__name__}): the head may hold only Linear layers and "
+                f"cannot shard {name} ({type(m).__name__}): the head may hold only Linear layers and "
                 f"elementwise layers ({', '.join(t.__name__ for t in ELEMENTWISE)}); move it into the trunk"
             )
     if not found:
-        raise ShardingError(f"{name} has no Linear layer to shard")
+        raise ShardingError(f"the head ({', '.join(names)}) has no Linear layer to shard")
     return found
 
 
@@ -82,11 +81,12 @@ def choose_styles(widths: Sequence[tuple[int, int]], world_size: int, plan: str 
 
 
 def shard_head(
-    head: nn.Sequential, name: str, rank: int, world_size: int, plan: str | Sequence[str], dropout_seed: int
-) -> tuple[nn.Sequential, list[int | Move], tuple[str, ...]]:
-    """This worker's copy of ``head`` with its Linear layers sharded, and the program that runs
-    it: layer indices and :class:`Move` s, in order."""
-    found = linear_widths(head, name, world_size)
+    head: Sequence[nn.Module], names: Sequence[str], rank: int, world_size: int, plan: str | Sequence[str],
+    dropout_seed: int,
+) -> tuple[list[nn.Module], list[int | Move], tuple[str, ...]]:
+    """This worker's copy of the ``head`` layers (named ``names``: ledger tags, messages) with its
+    Linear layers sharded, and the program that runs it: layer indices and :class:`Move` s, in order."""
+    found = linear_widths(head, names, world_size)
     widths = [(n_in, n_out) for _, n_in, n_out in found]
     styles = choose_styles(widths, world_size, plan)
     style_of = {i: s for (i, _, _), s in zip(found, styles)}
@@ -101,16 +101,16 @@ def shard_head(
                 # A column layer first needs the full features; a row layer that starts the head
                 # needs its input slice of every example.
                 kind, width = next(moves)
-                program.append(Move(kind, width, f"{name}.{i}.in"))
+                program.append(Move(kind, width, f"{names[i]}.in"))
             layers.append((ColumnParallelLinear if style == "col" else RowParallelLinear)(m, rank, world_size))
             program.append(i)
             if style == "row":
                 kind, width = next(moves)
-                program.append(Move(kind, width, f"{name}.{i}.out"))
+                program.append(Move(kind, width, f"{names[i]}.out"))
         else:
             # Dropout draws from the worker's own generator, one stream per layer.
             layers.append(WorkerDropout(m.p, dropout_seed + i) if isinstance(m, nn.Dropout) else m)
             program.append(i)
     for kind, width in moves:  # a final column layer hands each example's logits to its owner
-        program.append(Move(kind, width, f"{name}.{found[-1][0]}.out"))
-    return nn.Sequential(*layers), program, styles
+        program.append(Move(kind, width, f"{names[found[-1][0]]}.out"))
+    return layers, program, styles

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,14 +28,14 @@ from torch import nn
 from hybridpar.comm import regions
 from hybridpar.comm.base import Communicator, even_split
 from hybridpar.errors import ShardingError
+from hybridpar.models.seeded import MODEL_LOCK
+from hybridpar.models.split import split_model
+from hybridpar.parallel.cost import scheme_rounds
 from hybridpar.parallel.data_parallel import TrunkSync, allreduce_gradients
-from hybridpar.parallel.sync_bn import sync_batch_norms
 from hybridpar.parallel.head import Move, shard_head
 from hybridpar.parallel.linear import ShardSpec
-from hybridpar.parallel.cost import scheme_rounds
 from hybridpar.parallel.rounds import grads_from, own_rows, send_grads, send_inputs
-from hybridpar.models.seeded import MODEL_LOCK
-from hybridpar.models.split import split_trunk_head
+from hybridpar.parallel.sync_bn import sync_batch_norms
 
 
 class HybridModel(nn.Module):
@@ -75,21 +76,32 @@ class HybridModel(nn.Module):
 
     def _build(self, model, plan, head, seed, bucket_cap, overlap, sync_bn) -> None:
         comm, world = self.comm, self.world
-        self.trunk_names, self.head_name = split_trunk_head(model, head)
-        full_head = getattr(model, self.head_name)
-        # A bare Linear head (ResNet's fc) keeps its own name: "fc.weight", not "fc.0.weight".
-        self._bare_head = isinstance(full_head, nn.Linear)
-        # Check the head before touching anything: a bad layer is reported before any collective.
-        sharded, self.program, self.styles = shard_head(
-            nn.Sequential(full_head) if self._bare_head else full_head, self.head_name, comm.rank, comm.world_size,
-            plan, dropout_seed=seed * 1_000_003 + world.rank * 10_007,
+        # Where the trunk ends and the head starts, read from the model's traced forward (split.py).
+        self.split = split_model(model, head)
+        # Check and cut the head before touching anything: a bad layer is reported before any collective.
+        layers, self.program, self.styles = shard_head(
+            self.split.head_layers(model), self.split.head_labels, comm.rank, comm.world_size, plan,
+            dropout_seed=seed * 1_000_003 + world.rank * 10_007,
         )  # fmt: skip
-        for n in self.trunk_names:
-            self.add_module(n, copy.deepcopy(getattr(model, n)))
-            if sync_bn and world.world_size > 1:
-                # BatchNorm over the global batch, so the hybrid stays the single device (sync_bn.py).
-                sync_batch_norms(getattr(self, n), world, n)
-        self.add_module(self.head_name, sharded[0] if self._bare_head else sharded)
+        # The worker holds the model's own module tree, so every parameter keeps its single-device
+        # name; the head's Linear layers in it are replaced by this worker's shards (never copied whole).
+        body = _copy_sharing(model, self.split.head_names)
+        for name, child in body.named_children():
+            if hasattr(HybridModel, name) or name in vars(self):
+                raise ShardingError(f"cannot wrap {type(model).__name__}: its module {name!r} has the name of a HybridModel attribute")
+            self.add_module(name, child)
+        for name, p in body.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in body.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in body._non_persistent_buffers_set)
+        self._head = layers
+        for h, layer in zip(self.split.head, layers):
+            if h.name is not None:
+                self.set_submodule(h.name, layer)
+        if sync_bn and world.world_size > 1:
+            # BatchNorm over the global batch, so the hybrid stays the single device (sync_bn.py).
+            sync_batch_norms(self, world, skip=self.split.head_names)
+        self._trunk = self.split.trunk(self)
         self._first_move = next(i for i, op in enumerate(self.program) if isinstance(op, Move))
         self.trunk_sync = TrunkSync(self.trunk_parameters(), world, bucket_cap=bucket_cap, overlap=overlap)
 
@@ -102,19 +114,21 @@ class HybridModel(nn.Module):
         return self.forward_head(self.forward_trunk(x))
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        for n in self.trunk_names:
-            x = getattr(self, n)(x)
-        return torch.flatten(x, 1)
+        """The model's own forward up to the head's input: this worker's examples' feature vectors."""
+        h = self._trunk(x)
+        if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[0] != x.shape[0]:
+            got = list(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ShardingError(
+                f"the head of {self.split.kind} starts at {self.split.head_labels[0]}, whose input is {got} for a "
+                f"batch of {x.shape[0]}: the hybrid shards Linear layers that take one flat feature vector per example"
+            )
+        return h
 
     def forward_head(self, h: torch.Tensor) -> torch.Tensor:
         return self._run(self.program, h, [h.shape[0]] * self.comm.world_size)
 
-    def _head_layers(self) -> Sequence[nn.Module]:
-        head = getattr(self, self.head_name)
-        return [head] if self._bare_head else head
-
     def _run(self, program, h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
-        head = self._head_layers()
+        head = self._head
         first = self.program[self._first_move]
         for op in program:
             if isinstance(op, int):
@@ -142,7 +156,7 @@ class HybridModel(nn.Module):
         if scheme == "a":
             with autocast():
                 logits = self(x)
-            loss = global_mean_loss(logits.float(), y, self.world)
+            loss = global_mean_loss(_loss_dtype(logits), y, self.world)
             loss.backward()
             self.sync_gradients()
             return loss.detach(), logits.detach()
@@ -165,21 +179,32 @@ class HybridModel(nn.Module):
 
         pending = {0: issue(0)}
         returns, logits_out = [], []
-        loss_share = torch.zeros((), dtype=torch.float32, device=x.device)
+        loss_share, snapshot, finite = 0.0, None, True
         for j in range(K):
             if self.overlap and j + 1 < K:
                 pending[j + 1] = issue(j + 1)  # next round's features travel while this round computes
             inp = torch.cat(pending.pop(j).wait(), 0).to(h0.dtype).requires_grad_()
             with autocast():
                 logits = self._run(self.program[first + 1 :], inp, sizes[j])
-            ce = F.cross_entropy(logits.float(), y[rows[j]], reduction="sum")
+            ce = F.cross_entropy(_loss_dtype(logits), y[rows[j]], reduction="sum")
             n_j = sum(sizes[j])
             (ce / (total if fc_batch == "full" else n_j)).backward()
-            loss_share += ce.detach() / total
+            loss_share = loss_share + ce.detach() / total
             logits_out.append(logits.detach())
             g = inp.grad
             if fc_batch == "chunk":
-                optimizer.step()  # only the head has gradients yet: the trunk's come after the rounds
+                # The head updates inside the step, before the trainer can check the step's loss:
+                # every round's loss is checked (all workers agree) before its update, and a bad
+                # round puts back the head as it was before the step, so the trainer's "stop before
+                # the update" / "skip the step" hold for the head too. Later rounds still run
+                # (their moves are collectives every worker must join) without updating.
+                finite = finite and self.world.all_finite(math.isfinite(ce.item()), "round_nonfinite_check")
+                if finite:
+                    snapshot = snapshot or _HeadState(self.head_parameters(), optimizer)
+                    optimizer.step()  # only the head has gradients yet: the trunk's come after the rounds
+                elif snapshot is not None:
+                    snapshot.restore()
+                    snapshot = None
                 for p in self.head_parameters():
                     p.grad = None
                 g = g * (n_j / total)  # the trunk still sees the mean over all K·b examples
@@ -223,18 +248,19 @@ class HybridModel(nn.Module):
     # ---- layout ---------------------------------------------------------------------------
 
     def trunk_parameters(self) -> list[nn.Parameter]:
-        return [p for n in self.trunk_names for p in getattr(self, n).parameters()]
+        """The replicated (data-parallel) parameters: every one outside the head, in model order."""
+        return [p for n, p in self.named_parameters() if not self.split.is_head_parameter(n)]
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return list(getattr(self, self.head_name).parameters())
+        """This worker's shards of the head's parameters."""
+        return [p for n, p in self.named_parameters() if self.split.is_head_parameter(n)]
 
     def shard_specs(self) -> dict[str, ShardSpec]:
         """``{full parameter name: how it is cut}``; parameters not listed are replicated."""
         out = {}
-        for i, m in enumerate(self._head_layers()):
-            prefix = self.head_name if self._bare_head else f"{self.head_name}.{i}"
+        for h, m in zip(self.split.head, self._head):
             for pname, spec in getattr(m, "specs", {}).items():
-                out[f"{prefix}.{pname}"] = spec
+                out[f"{h.name}.{pname}"] = spec
         return out
 
     def full_shapes(self) -> dict[str, list[int]]:
@@ -263,6 +289,35 @@ class HybridModel(nn.Module):
         specs = self.shard_specs()
         local = {n: (specs[n].take(t, self.comm.rank) if n in specs else t) for n, t in sd.items()}
         self.load_state_dict(local, strict=True)
+
+
+def _copy_sharing(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A deep copy of ``model`` that shares (does not copy) the modules named in ``names``."""
+    memo = {id(model.get_submodule(n)): model.get_submodule(n) for n in names}
+    return copy.deepcopy(model, memo)
+
+
+class _HeadState:
+    """A copy of the head shards and their optimizer state, to put back."""
+
+    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [(p, p.detach().clone()) for p in params]
+        self.state = {p: copy.deepcopy(optimizer.state[p]) for p, _ in self.params if p in optimizer.state}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, saved in self.params:
+                p.copy_(saved)
+                if p in self.state:
+                    self.optimizer.state[p] = self.state[p]
+                else:
+                    self.optimizer.state.pop(p, None)
+
+
+def _loss_dtype(t: torch.Tensor) -> torch.Tensor:
+    """Logits as the loss takes them: bf16/fp16 ones in fp32, fp32 and fp64 as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def global_mean_loss(logits: torch.Tensor, target: torch.Tensor, comm: Communicator) -> torch.Tensor:

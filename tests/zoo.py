@@ -1,0 +1,184 @@
+"""The torchvision zoo against one device: shared by ``tests/test_zoo.py`` and ``bench/zoo.py``.
+
+The single-device reference is a plain training loop written here from torch alone (torchvision's
+model, SGD with momentum, cross-entropy on the whole batch); nothing of hybridpar takes part in it.
+The hybrid side wraps a copy of the same model with ``hybridize`` on K emulated workers, each
+feeding its own slice of the same batches, and re-assembles the head's shards to compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from hybridpar import hybridize
+from hybridpar.comm import run_emulated
+from hybridpar.parallel import assemble
+
+# (model, keyword arguments, input size). 64 px: at 32 px the last stage of most of these is 1×1,
+# its BatchNorm sees 6 values, and even float64 rounding is amplified to ~1e-6.
+ZOO: dict[str, tuple[dict, int]] = {
+    "alexnet": ({}, 64),
+    "vgg11": ({}, 64),
+    "vgg11_bn": ({}, 64),
+    "resnet18": ({}, 64),
+    "resnet50": ({}, 64),
+    "resnext50_32x4d": ({}, 64),
+    "wide_resnet50_2": ({}, 64),
+    "regnet_x_400mf": ({}, 64),
+    "regnet_y_400mf": ({}, 64),
+    "mobilenet_v2": ({}, 64),
+    "mobilenet_v3_small": ({}, 64),
+    "mobilenet_v3_large": ({}, 64),
+    "efficientnet_b0": ({}, 64),
+    "efficientnet_v2_s": ({}, 64),
+    "densenet121": ({}, 64),
+    "shufflenet_v2_x0_5": ({}, 64),
+    "mnasnet0_5": ({}, 64),
+    "convnext_tiny": ({}, 64),
+    "googlenet": ({"aux_logits": False, "init_weights": True}, 64),
+    "inception_v3": ({"aux_logits": False, "init_weights": True}, 75),
+    "swin_t": ({}, 64),
+    "squeezenet1_0": ({}, 64),
+    "squeezenet1_1": ({}, 64),
+}
+REFUSED = {"squeezenet1_0", "squeezenet1_1"}  # a 1×1-convolution classifier: no Linear head
+NUM_CLASSES = 10
+LR, MOMENTUM = 0.05, 0.9
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    workers: int = 2
+    local_batch: int = 3
+    steps: int = 2
+    dtype: torch.dtype = torch.float64
+    seed: int = 0
+    reverse: bool = False  # the batch in reverse order: the same arithmetic, rounded in another order
+
+    @property
+    def kwargs(self) -> dict:
+        return ZOO[self.name][0]
+
+    @property
+    def size(self) -> int:
+        return ZOO[self.name][1]
+
+    def model(self) -> nn.Module:
+        """torchvision's model, seeded, with dropout and stochastic depth off (random masks cannot match)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = torchvision.models.get_model(self.name, num_classes=NUM_CLASSES, **self.kwargs)
+        for m in model.modules():
+            if isinstance(m, nn.Dropout | torchvision.ops.StochasticDepth):
+                m.p = 0.0
+        return model.to(self.dtype)
+
+    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed + 1)
+        n = self.workers * self.local_batch
+        out = [
+            (torch.randn(n, 3, self.size, self.size, generator=g).to(self.dtype), torch.randint(0, NUM_CLASSES, (n,), generator=g))
+            for _ in range(self.steps)
+        ]
+        return [(x.flip(0), y.flip(0)) for x, y in out] if self.reverse else out
+
+
+def _snapshot(model: nn.Module, grads: list[dict]) -> dict:
+    return {
+        "grads": grads,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()},
+    }
+
+
+def reference(run: Run, model: nn.Module) -> dict:
+    """One device: the plain loop on the whole batch (torch only)."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    grads, logits0 = [], None
+    for x, y in run.batches():
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        F.cross_entropy(logits, y).backward()
+        logits0 = (logits.flip(0) if run.reverse else logits).detach() if logits0 is None else logits0
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+    return _snapshot(model, grads) | {"logits": logits0}
+
+
+def _worker(comm, run: Run, model: nn.Module, options: dict) -> dict:
+    # Every worker wraps the same model: hybridize copies what it keeps and never changes the model.
+    hybrid = hybridize(model, comm, **options)
+    opt = torch.optim.SGD(hybrid.parameters(), lr=LR, momentum=MOMENTUM)
+    lo, hi = comm.rank * run.local_batch, (comm.rank + 1) * run.local_batch
+    grads, logits0 = [], None
+    for x, y in run.batches():
+        opt.zero_grad(set_to_none=True)
+        _, logits = hybrid.train_step(x[lo:hi], y[lo:hi])
+        logits0 = logits if logits0 is None else logits0
+        grads.append({n: p.grad.detach().clone() for n, p in hybrid.named_parameters() if p.grad is not None})
+        opt.step()
+    out = _snapshot(hybrid, grads) | {"logits": logits0, "specs": hybrid.shard_specs()}
+    # Replicated tensors (trunk, BatchNorm statistics): worker 0's are compared; the others send a
+    # digest of theirs, so K copies of a large trunk are not held at once.
+    out["digests"] = {f"{key}[{n}]": _digest(t) for key in ("params", "buffers") for n, t in out[key].items()
+                      if n not in out["specs"]}  # fmt: skip
+    if comm.rank > 0:
+        for part in (out["params"], out["buffers"], *out["grads"]):
+            for n in [n for n in part if n not in out["specs"]]:
+                del part[n]
+    return out
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def hybrid(run: Run, model: nn.Module, launch=run_emulated, **options) -> dict:
+    """K workers (emulated, or ``launch(K, fn, *args)`` -> results in rank order) running
+    ``hybridize(model, comm, **options)``; their shards re-assembled into single-device tensors."""
+    workers = launch(run.workers, _worker, run, model, options)
+    specs = workers[0]["specs"]
+    out = {key: assemble([w[key] for w in workers], specs) for key in ("params", "buffers")}
+    out["grads"] = [assemble([w["grads"][s] for w in workers], specs) for s in range(run.steps)]
+    out["logits"] = torch.cat([w["logits"] for w in workers])
+    # The trunk and the BatchNorm statistics are replicas: every worker must hold the same bits.
+    out["replicas_differ"] = sorted(n for n, d in workers[0]["digests"].items() if any(w["digests"][n] != d for w in workers[1:]))
+    return out
+
+
+def compare(got: dict, want: dict) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """Every pair of tensors to compare, named, with the scale of its kind: the largest entry over
+    all logits, all parameters, all buffers, or all of one step's gradients. Gradients here span
+    1e-12 to 1e2 from tensor to tensor, so an error is judged against the scale of its kind."""
+    groups = [("logits", {"": got["logits"]}, {"": want["logits"]})]
+    for key in ("params", "buffers"):
+        assert set(got[key]) == set(want[key]), f"{key}: names differ: {sorted(set(got[key]) ^ set(want[key]))}"
+        groups.append((key, got[key], want[key]))
+    for step, (g, w) in enumerate(zip(got["grads"], want["grads"], strict=True)):
+        assert set(g) == set(w), f"step {step} gradients: names differ: {sorted(set(g) ^ set(w))}"
+        groups.append((f"grad step {step}", g, w))
+    pairs = []
+    for kind, g, w in groups:
+        scale = max((t.double().abs().max().item() for t in w.values()), default=0.0)
+        pairs += [(f"{kind}[{n}]" if n else kind, g[n], t, scale) for n, t in w.items()]
+    return pairs
+
+
+def max_error(pairs) -> tuple[float, str]:
+    """The largest difference relative to the scale of its kind, and where."""
+    return max(((a.double() - b.double()).abs().max().item() / max(scale, 1e-30), n) for n, a, b, scale in pairs)
+
+
+def assert_equal(run: Run, got: dict, want: dict, *, rtol: float, atol: float = 0.0, atol_scaled: float = 0.0) -> None:
+    """Every tensor within rtol and ``atol + atol_scaled · (scale of its kind)``; replicas bit-identical."""
+    assert got["replicas_differ"] == [], f"replicated tensors differ between workers: {got['replicas_differ'][:5]}"
+    for name, a, b, scale in compare(got, want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol + atol_scaled * scale,
+                                   msg=lambda m, n=name: f"{run.name} K={run.workers} {n}: {m}")  # fmt: skip

@@ -10,9 +10,11 @@ group, this worker's slice of the features. A group of one returns its input unt
 single-device path runs the same code.
 
 Why not ``torch.distributed._functional_collectives``: they address a registered
-ProcessGroup, which the in-process emulation is not, and they take no uneven split sizes. These
+ProcessGroup, which the in-process emulation is not, and they would move bytes the ledger does
+not see (uneven splits are not the reason: their ``all_to_all_single`` takes split sizes). These
 Functions call the :class:`~hybridpar.comm.base.Communicator`, so both backends, and the byte
-ledger, see every move.
+ledger, see every move. Every Function keeps the same state: ``ctx.comm`` and ``ctx.args``, the
+arguments of its backward's move.
 """
 
 from __future__ import annotations
@@ -28,46 +30,46 @@ from hybridpar.comm.base import Communicator
 class _GatherBatch(Function):
     @staticmethod
     def forward(ctx, x, comm, sizes, tag):
-        ctx.comm, ctx.sizes, ctx.tag = comm, sizes, tag
+        ctx.comm, ctx.args = comm, (0, sizes, tag + ".grad")
         return comm.all_gather(x, 0, sizes, tag)
 
     @staticmethod
     def backward(ctx, g):
         # Each example's gradient, summed over all workers' shards, returns to its owner.
-        return ctx.comm.reduce_scatter(g.contiguous(), 0, ctx.sizes, ctx.tag + ".grad"), None, None, None
+        return ctx.comm.reduce_scatter(g.contiguous(), *ctx.args), None, None, None
 
 
 class _ScatterBatch(Function):
     @staticmethod
     def forward(ctx, x, comm, sizes, tag):
-        ctx.comm, ctx.sizes, ctx.tag = comm, sizes, tag
+        ctx.comm, ctx.args = comm, (0, sizes, tag + ".grad")
         return comm.reduce_scatter(x.contiguous(), 0, sizes, tag)
 
     @staticmethod
     def backward(ctx, g):
-        return ctx.comm.all_gather(g.contiguous(), 0, ctx.sizes, ctx.tag + ".grad"), None, None, None
+        return ctx.comm.all_gather(g.contiguous(), *ctx.args), None, None, None
 
 
 class _GatherFeatures(Function):
     @staticmethod
     def forward(ctx, x, comm, sizes, tag):
-        ctx.comm, ctx.sizes, ctx.tag = comm, sizes, tag
+        ctx.comm, ctx.args = comm, (1, sizes, tag + ".grad")
         return comm.all_gather(x, 1, sizes, tag)
 
     @staticmethod
     def backward(ctx, g):
-        return ctx.comm.reduce_scatter(g.contiguous(), 1, ctx.sizes, ctx.tag + ".grad"), None, None, None
+        return ctx.comm.reduce_scatter(g.contiguous(), *ctx.args), None, None, None
 
 
 class _ReduceScatterFeatures(Function):
     @staticmethod
     def forward(ctx, x, comm, sizes, tag):
-        ctx.comm, ctx.sizes, ctx.tag = comm, sizes, tag
+        ctx.comm, ctx.args = comm, (1, sizes, tag + ".grad")
         return comm.reduce_scatter(x.contiguous(), 1, sizes, tag)
 
     @staticmethod
     def backward(ctx, g):
-        return ctx.comm.all_gather(g.contiguous(), 1, ctx.sizes, ctx.tag + ".grad"), None, None, None
+        return ctx.comm.all_gather(g.contiguous(), *ctx.args), None, None, None
 
 
 def rows_to_columns_chunks(x, rank: int, batch_sizes, feature_sizes):
@@ -94,23 +96,23 @@ def _columns_to_rows(x, comm: Communicator, batch_sizes, feature_sizes, tag):
 class _BatchToFeatures(Function):
     @staticmethod
     def forward(ctx, x, comm, batch_sizes, feature_sizes, tag):
-        ctx.args = (comm, batch_sizes, feature_sizes, tag + ".grad")
+        ctx.comm, ctx.args = comm, (batch_sizes, feature_sizes, tag + ".grad")
         return _rows_to_columns(x, comm, batch_sizes, feature_sizes, tag)
 
     @staticmethod
     def backward(ctx, g):
-        return _columns_to_rows(g, *ctx.args), None, None, None, None
+        return _columns_to_rows(g, ctx.comm, *ctx.args), None, None, None, None
 
 
 class _FeaturesToBatch(Function):
     @staticmethod
     def forward(ctx, x, comm, batch_sizes, feature_sizes, tag):
-        ctx.args = (comm, batch_sizes, feature_sizes, tag + ".grad")
+        ctx.comm, ctx.args = comm, (batch_sizes, feature_sizes, tag + ".grad")
         return _columns_to_rows(x, comm, batch_sizes, feature_sizes, tag)
 
     @staticmethod
     def backward(ctx, g):
-        return _rows_to_columns(g, *ctx.args), None, None, None, None
+        return _rows_to_columns(g, ctx.comm, *ctx.args), None, None, None, None
 
 
 def gather_batch(x: torch.Tensor, comm: Communicator, batch_sizes: Sequence[int], tag: str = "batch") -> torch.Tensor:

@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -126,15 +126,29 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             diff = max(abs(a - b) for a, b in zip(losses["plain"], losses["hybridpar"]))
             for impl in ("plain", "hybridpar"):
-                rows.append(dict(device=name, precision=precision, layout="channels_last" if cl else "NCHW", impl=impl,
-                                 batch=args.batch, step_s=med[impl], images_per_s=args.batch / med[impl],
-                                 overhead=med[impl] / med["plain"] - 1, max_loss_diff=diff, torch=torch.__version__))  # fmt: skip
+                rows.append(
+                    {
+                        "device": name,
+                        "precision": precision,
+                        "layout": "channels_last" if cl else "NCHW",
+                        "impl": impl,
+                        "batch": args.batch,
+                        "step_s": med[impl],
+                        "images_per_s": args.batch / med[impl],
+                        "overhead": med[impl] / med["plain"] - 1,
+                        "max_loss_diff": diff,
+                        "torch": torch.__version__,
+                    }
+                )
     print(f"{name}, torch {torch.__version__}, AlexNet 224 px, b = {args.batch}, medians of 2 × {args.steps} steps")
     print("| precision | layout | loop | step ms | images/s | overhead vs plain | max |Δloss| over the steps |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['precision']} | {r['layout']} | {r['impl']} | {r['step_s'] * 1e3:.2f} | {r['images_per_s']:.0f} | "
-              f"{r['overhead']:+.1%} | {r['max_loss_diff']:.1e} |", flush=True)  # fmt: skip
+        print(
+            f"| {r['precision']} | {r['layout']} | {r['impl']} | {r['step_s'] * 1e3:.2f} | {r['images_per_s']:.0f} | "
+            f"{r['overhead']:+.1%} | {r['max_loss_diff']:.1e} |",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "a") as fh:
             for r in rows:

@@ -28,7 +28,9 @@ def rows(name: str) -> list[tuple[int, float, float, float, int]]:
     for K in KS:
         ddp = ddp_step_bytes(n_all, K)
         one_d = two_d_step_bytes(widths, choose_styles(widths, K), trunk, B, K, K)
-        two_d = {G: two_d_step_bytes(widths, choose_styles(widths, G), trunk, B, K, G) for G in KS if G <= K and K % G == 0}
+        two_d = {
+            G: two_d_step_bytes(widths, choose_styles(widths, G), trunk, B, K, G) for G in KS if G <= K and K % G == 0
+        }
         G = min(two_d, key=two_d.get)
         out.append((K, ddp / 1e6, one_d / 1e6, two_d[G] / 1e6, G))
     return out
@@ -38,8 +40,12 @@ def main() -> None:
     lines, data = [], {}
     for name, label in (("alexnet", "AlexNet"), ("vgg16", "VGG-16")):
         data[label] = rows(name)
-        lines += [f"*{label}* (b = {B}, fp32): MB per worker and step", "",
-                  "| K | DDP | 1-D hybrid | best 2-D hybrid | its G | best / DDP |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"*{label}* (b = {B}, fp32): MB per worker and step",
+            "",
+            "| K | DDP | 1-D hybrid | best 2-D hybrid | its G | best / DDP |",
+            "|---|---|---|---|---|---|",
+        ]
         for K, ddp, one, two, G in data[label]:
             lines.append(f"| {K} | {ddp:.1f} | {one:.1f} | {two:.1f} | {G} | {two / ddp if ddp else 0:.3f} |")
         lines.append("")

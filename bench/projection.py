@@ -42,9 +42,13 @@ def k20(ref: cm.Profile, b: int = 128) -> cm.Profile:
     fc_flops = 3 * 2.0 * b * sum(i * o for i, o in ref.head)  # forward + backward of the full head
     rate = fc_flops / (0.05 * K20_STEP_S)
     return replace(
-        ref, device="K20-class (given)", trunk=tuple(replace(s, fwd_s=s.fwd_s * f, bwd_s=s.bwd_s * f) for s in ref.trunk),
-        fc_rates=((1, rate, rate),), opt_s_per_param=3 * 2 * 4 / 200e9, notes="0.40 s/step, 95% conv, 5% FC",
-    )  # fmt: skip
+        ref,
+        device="K20-class (given)",
+        trunk=tuple(replace(s, fwd_s=s.fwd_s * f, bwd_s=s.bwd_s * f) for s in ref.trunk),
+        fc_rates=((1, rate, rate),),
+        opt_s_per_param=3 * 2 * 4 / 200e9,
+        notes="0.40 s/step, 95% conv, 5% FC",
+    )
 
 
 def paper_bandwidth(dev: cm.Profile) -> float:
@@ -62,15 +66,26 @@ def settings() -> list[tuple[str, cm.Profile, cm.Link, int]]:
     dev = k20(h200)
     bw = paper_bandwidth(dev)
     out = [
-        (f"K20-class (0.40 s/step), {bw / 1e9:.2f} GB/s per GPU (gives the paper's 6.2x)", dev, cm.Link(10e-6, bw), 128),
+        (
+            f"K20-class (0.40 s/step), {bw / 1e9:.2f} GB/s per GPU (gives the paper's 6.2x)",
+            dev,
+            cm.Link(10e-6, bw),
+            128,
+        ),
         ("K20-class (0.40 s/step), 6 GB/s per GPU (PCIe-class)", dev, cm.Link(10e-6, 6e9), 128),
         ("H200 bf16 (measured), 100 Gbit/s per GPU", h200_bf16, cm.Link(10e-6, cm.parse_rate("100gbit")), 128),
         ("H200 bf16 (measured), 400 Gbit/s per GPU", h200_bf16, cm.Link(10e-6, cm.parse_rate("400gbit")), 128),
     ]
     cpu = DOCS / "profiles" / "cpu_1thread_fp32_b256.json"
     if cpu.exists():
-        out.append(("this CPU, 1 thread (measured), 1 Gbit/s", cm.Profile.from_json(cpu.read_text()),
-                    cm.Link(100e-6, cm.parse_rate("1gbit")), 128))  # fmt: skip
+        out.append(
+            (
+                "this CPU, 1 thread (measured), 1 Gbit/s",
+                cm.Profile.from_json(cpu.read_text()),
+                cm.Link(100e-6, cm.parse_rate("1gbit")),
+                128,
+            )
+        )
     return out
 
 
@@ -78,9 +93,13 @@ def tables() -> tuple[str, list]:
     lines, curves = [], []
     h200 = load("h200_fp32_b128.json")
     dev = k20(h200)
-    lines.append("The paper's setting — 8 workers, b = 128, K20-class device; speedup over one device by per-GPU link bandwidth:")
+    lines.append(
+        "The paper's setting — 8 workers, b = 128, K20-class device; speedup over one device by per-GPU link bandwidth:"
+    )
     lines.append("")
-    lines.append("| link per GPU | DDP | hybrid (a) | hybrid (b) | hybrid (c) | bandwidth-bound fraction of (a)'s step |")
+    lines.append(
+        "| link per GPU | DDP | hybrid (a) | hybrid (b) | hybrid (c) | bandwidth-bound fraction of (a)'s step |"
+    )
     lines.append("|---|---|---|---|---|---|")
     for gbs in (1, 2, 4, 6, 8, 12):
         link = cm.Link(10e-6, gbs * 1e9)
@@ -89,8 +108,10 @@ def tables() -> tuple[str, list]:
         lines.append(f"| {gbs} GB/s | " + " | ".join(f"{v:.2f}×" for v in sp) + f" | {t.exposed_s / t.step_s:.0%} |")
     hi = paper_bandwidth(dev)
     lines.append("")
-    lines.append(f"The best hybrid scheme reaches the paper's {PAPER_SPEEDUP}× at {hi / 1e9:.2f} GB/s per GPU; DDP at that "
-                 f"bandwidth: {cm.speedup(dev, cm.Link(10e-6, hi), 'ddp', 8, 128):.2f}×.")  # fmt: skip
+    lines.append(
+        f"The best hybrid scheme reaches the paper's {PAPER_SPEEDUP}× at {hi / 1e9:.2f} GB/s per GPU; DDP at that "
+        f"bandwidth: {cm.speedup(dev, cm.Link(10e-6, hi), 'ddp', 8, 128):.2f}×."
+    )
     lines.append("")
     lines.append("Speedup vs K (b = 128 per worker):")
     lines.append("")
@@ -117,7 +138,7 @@ def plot(curves, path: Path) -> None:
     cols = 3
     rows_n = -(-len(curves) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.8 * cols, 4.2 * rows_n), squeeze=False)
-    for ax in axes.flat[len(curves):]:
+    for ax in axes.flat[len(curves) :]:
         ax.axis("off")
     colors = {"ddp": "tab:red", "a": "tab:blue", "b": "tab:green", "c": "tab:purple"}
     for ax, (name, rows) in zip(axes.flat, curves):

@@ -15,10 +15,25 @@ import time
 from pathlib import Path
 
 RUNS = [
-    ("torchrun --nproc_per_node=2, scheme a", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hybridpar.train"]),
-    ("torchrun --nproc_per_node=2, parallel.scheme=ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hybridpar.train", "parallel.scheme=ddp"]),
+    (
+        "torchrun --nproc_per_node=2, scheme a",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hybridpar.train"],
+    ),
+    (
+        "torchrun --nproc_per_node=2, parallel.scheme=ddp",
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "hybridpar.train",
+            "parallel.scheme=ddp",
+        ],
+    ),
     ("python, parallel.emulate=2 (scheme a)", [sys.executable, "-m", "hybridpar.train", "parallel.emulate=2"]),
-]  # fmt: skip
+]
 
 
 def main() -> None:
@@ -27,7 +42,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, cmd in RUNS:
         t0 = time.perf_counter()
-        proc = subprocess.run([*cmd, "logger=none", "trainer.progress=false", *extra], capture_output=True, text=True)
+        proc = subprocess.run(
+            [*cmd, "logger=none", "trainer.progress=false", *extra], check=False, capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")

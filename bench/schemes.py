@@ -51,7 +51,12 @@ def run(comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int) -> di
             step_s.append(time.perf_counter() - t0)
             comm_s.append(comm.ledger.seconds)
     wire = (link_bytes() - link0) / (warmup + steps) if link0 is not None else None
-    return {"step": statistics.median(step_s), "comm": statistics.median(comm_s), "bytes": comm.ledger.sent, "wire": wire}
+    return {
+        "step": statistics.median(step_s),
+        "comm": statistics.median(comm_s),
+        "bytes": comm.ledger.sent,
+        "wire": wire,
+    }
 
 
 def run_ddp(comm, b: int, steps: int, warmup: int) -> dict[str, float]:
@@ -170,8 +175,17 @@ def main() -> None:
     link = calibrate_link(args.workers_on_machine or comm.world_size)
     if args.calibrate_only:
         if comm.rank == 0:
-            print(json.dumps({"rate": args.rate, "alpha_s": link.alpha_s, "bytes_per_s": link.bytes_per_s,
-                              "cpu_s_per_byte": link.cpu_s_per_byte}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "rate": args.rate,
+                        "alpha_s": link.alpha_s,
+                        "bytes_per_s": link.bytes_per_s,
+                        "cpu_s_per_byte": link.cpu_s_per_byte,
+                    }
+                ),
+                flush=True,
+            )
         dist.barrier()
         dist.destroy_process_group()
         os._exit(0)
@@ -182,41 +196,78 @@ def main() -> None:
         pred = costmodel.step_time(profile, link, scheme, comm.world_size, args.batch)
         if scheme == "ddp":
             d = run_ddp(comm, args.batch, max(2, args.steps // 2), max(1, args.warmup // 2))
-            rows.append(dict(scheme=scheme, step=d["step"], bytes=d["bytes"], wire=d["wire"], predicted=pred.step_s,
-                             predicted_compute=pred.compute_s))  # fmt: skip
+            rows.append(
+                {
+                    "scheme": scheme,
+                    "step": d["step"],
+                    "bytes": d["bytes"],
+                    "wire": d["wire"],
+                    "predicted": pred.step_s,
+                    "predicted_compute": pred.compute_s,
+                }
+            )
             continue
         serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
         overlapped = run(comm, scheme, True, args.batch, args.steps, args.warmup)
-        rows.append(dict(
-            scheme=scheme, step=overlapped["step"], serial=serial["step"], compute=serial["step"] - serial["comm"],
-            comm=serial["comm"], exposed=overlapped["comm"], bytes=overlapped["bytes"], wire=overlapped["wire"],
-            hidden=(serial["step"] - overlapped["step"]) / serial["comm"] if serial["comm"] > 0 else 0.0,
-            predicted=pred.step_s, predicted_compute=pred.compute_s,
-            predicted_serial=costmodel.step_time(profile, link, scheme, comm.world_size, args.batch, overlap=False).step_s,
-        ))  # fmt: skip
+        rows.append(
+            {
+                "scheme": scheme,
+                "step": overlapped["step"],
+                "serial": serial["step"],
+                "compute": serial["step"] - serial["comm"],
+                "comm": serial["comm"],
+                "exposed": overlapped["comm"],
+                "bytes": overlapped["bytes"],
+                "wire": overlapped["wire"],
+                "hidden": (serial["step"] - overlapped["step"]) / serial["comm"] if serial["comm"] > 0 else 0.0,
+                "predicted": pred.step_s,
+                "predicted_compute": pred.compute_s,
+                "predicted_serial": costmodel.step_time(
+                    profile, link, scheme, comm.world_size, args.batch, overlap=False
+                ).step_s,
+            }
+        )
     sync = trunk_sync_times(comm, sum(p.numel() for p in alexnet(1000).features.parameters()))
     if comm.rank == 0:
-        print(f"AlexNet 224 px, b = {args.batch} per worker, K = {comm.world_size} gloo processes, 1 thread each; "
-              f"medians of {args.steps} steps after {args.warmup} warm-up; link {args.rate or '?'}: alpha "
-              f"{link.alpha_s * 1e6:.0f} us, {link.bytes_per_s * 8 / 1e9:.3f} Gbit/s, transport "
-              f"{link.cpu_s_per_byte * 1e9:.2f} ns/byte of processor time, measured")  # fmt: skip
-        print("| scheme | step s (overlap) | predicted s | error | step s (serialised) | predicted s | compute s | "
-              "communication s | exposed comm s (overlap) | hidden | MB sent/worker (ledger) | MB on the link/step (tx+rx) |")
+        print(
+            f"AlexNet 224 px, b = {args.batch} per worker, K = {comm.world_size} gloo processes, 1 thread each; "
+            f"medians of {args.steps} steps after {args.warmup} warm-up; link {args.rate or '?'}: alpha "
+            f"{link.alpha_s * 1e6:.0f} us, {link.bytes_per_s * 8 / 1e9:.3f} Gbit/s, transport "
+            f"{link.cpu_s_per_byte * 1e9:.2f} ns/byte of processor time, measured"
+        )
+        print(
+            "| scheme | step s (overlap) | predicted s | error | step s (serialised) | predicted s | compute s | "
+            "communication s | exposed comm s (overlap) | hidden | MB sent/worker (ledger) | MB on the link/step (tx+rx) |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        f = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
+        f = lambda v, fmt: "–" if v is None else format(v, fmt)
         for r in rows:
             g = r.get
-            print(f"| {r['scheme']} | {r['step']:.3f} | {r['predicted']:.3f} | {r['predicted'] / r['step'] - 1:+.1%} | "
-                  f"{f(g('serial'), '.3f')} | {f(g('predicted_serial'), '.3f')} | {f(g('compute'), '.3f')} | "
-                  f"{f(g('comm'), '.3f')} | {f(g('exposed'), '.3f')} | {f(g('hidden'), '.0%')} | {r['bytes'] / 1e6:.2f} | "
-                  f"{f(None if r['wire'] is None else r['wire'] / 1e6, '.2f')} |")  # fmt: skip
-        print(f"trunk gradient sync (2,469,696 floats): all-reduce {sync['all_reduce'] * 1e3:.1f} ms, "
-              f"reduce-scatter + all-gather {sync['rs_ag'] * 1e3:.1f} ms", flush=True)  # fmt: skip
+            print(
+                f"| {r['scheme']} | {r['step']:.3f} | {r['predicted']:.3f} | {r['predicted'] / r['step'] - 1:+.1%} | "
+                f"{f(g('serial'), '.3f')} | {f(g('predicted_serial'), '.3f')} | {f(g('compute'), '.3f')} | "
+                f"{f(g('comm'), '.3f')} | {f(g('exposed'), '.3f')} | {f(g('hidden'), '.0%')} | {r['bytes'] / 1e6:.2f} | "
+                f"{f(None if r['wire'] is None else r['wire'] / 1e6, '.2f')} |"
+            )
+        print(
+            f"trunk gradient sync (2,469,696 floats): all-reduce {sync['all_reduce'] * 1e3:.1f} ms, "
+            f"reduce-scatter + all-gather {sync['rs_ag'] * 1e3:.1f} ms",
+            flush=True,
+        )
         if args.json:
-            record = dict(rate=args.rate, batch=args.batch, K=comm.world_size, steps=args.steps, warmup=args.warmup,
-                          alpha_s=link.alpha_s, bytes_per_s=link.bytes_per_s, cpu_s_per_byte=link.cpu_s_per_byte,
-                          rows=rows, sync=sync,
-                          profile=json.loads(profile.to_json()))  # fmt: skip
+            record = {
+                "rate": args.rate,
+                "batch": args.batch,
+                "K": comm.world_size,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "alpha_s": link.alpha_s,
+                "bytes_per_s": link.bytes_per_s,
+                "cpu_s_per_byte": link.cpu_s_per_byte,
+                "rows": rows,
+                "sync": sync,
+                "profile": json.loads(profile.to_json()),
+            }
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
     dist.barrier()

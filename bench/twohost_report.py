@@ -43,7 +43,9 @@ def repredict(records: list[dict]) -> None:
 def tables(records: list[dict]) -> str:
     out = []
     records = sorted(records, key=lambda r: (r["batch"], costmodel.parse_rate(r["rate"])))
-    out.append("| b | link | measured link | scheme | step s | predicted s | error | speed vs DDP | MB sent/worker (ledger) | link bytes / ledger |")
+    out.append(
+        "| b | link | measured link | scheme | step s | predicted s | error | speed vs DDP | MB sent/worker (ledger) | link bytes / ledger |"
+    )
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     errors = []
     for rec in records:
@@ -55,25 +57,35 @@ def tables(records: list[dict]) -> str:
             vs = f"{ddp['step'] / r['step']:.2f}×" if ddp else "–"
             # tx + rx on node 0's interface per step vs what both directions carry by the ledger.
             wire = f"{r['wire'] / (2 * r['bytes']):.3f}" if r.get("wire") else "–"
-            out.append(f"| {rec['batch']} | {rate_label(rec['rate'])} | {link} | {r['scheme']} | {r['step']:.3f} | "
-                       f"{r['predicted']:.3f} | {err:+.1%} | {vs} | {r['bytes'] / 1e6:.2f} | {wire} |")  # fmt: skip
+            out.append(
+                f"| {rec['batch']} | {rate_label(rec['rate'])} | {link} | {r['scheme']} | {r['step']:.3f} | "
+                f"{r['predicted']:.3f} | {err:+.1%} | {vs} | {r['bytes'] / 1e6:.2f} | {wire} |"
+            )
     out.append("")
-    out.append(f"Cost-model error over all {len(errors)} runs: median {statistics.median(errors):.1%}, "
-               f"largest {max(errors):.1%}.")  # fmt: skip
+    out.append(
+        f"Cost-model error over all {len(errors)} runs: median {statistics.median(errors):.1%}, "
+        f"largest {max(errors):.1%}."
+    )
     out.append("")
-    out.append("Target check — best hybrid scheme vs max(compute, link-limited communication): compute = its serialised")
+    out.append(
+        "Target check — best hybrid scheme vs max(compute, link-limited communication): compute = its serialised"
+    )
     out.append("step − time blocked in collectives; link-limited communication = ledger bytes / measured bandwidth.")
     out.append("")
-    out.append("| b | link | best scheme | step s | compute s | link-limited comm s | step / max | DDP step s | hybrid speed vs DDP |")
+    out.append(
+        "| b | link | best scheme | step s | compute s | link-limited comm s | step / max | DDP step s | hybrid speed vs DDP |"
+    )
     out.append("|---|---|---|---|---|---|---|---|---|")
     for rec in records:
         hyb = [r for r in rec["rows"] if r["scheme"] != "ddp"]
         best = min(hyb, key=lambda r: r["step"])
         comm = best["bytes"] / rec["bytes_per_s"]
         ddp = next((r for r in rec["rows"] if r["scheme"] == "ddp"), None)
-        out.append(f"| {rec['batch']} | {rate_label(rec['rate'])} | {best['scheme']} | {best['step']:.3f} | "
-                   f"{best['compute']:.3f} | {comm:.3f} | {best['step'] / max(best['compute'], comm):.2f} | "
-                   f"{ddp['step'] if ddp else float('nan'):.3f} | {ddp['step'] / best['step'] if ddp else float('nan'):.2f}× |")  # fmt: skip
+        out.append(
+            f"| {rec['batch']} | {rate_label(rec['rate'])} | {best['scheme']} | {best['step']:.3f} | "
+            f"{best['compute']:.3f} | {comm:.3f} | {best['step'] / max(best['compute'], comm):.2f} | "
+            f"{ddp['step'] if ddp else float('nan'):.3f} | {ddp['step'] / best['step'] if ddp else float('nan'):.2f}× |"
+        )
     return "\n".join(out)
 
 
@@ -94,9 +106,17 @@ def plot(records: list[dict], path: Path) -> None:
         eff = statistics.median(r["bytes_per_s"] / costmodel.parse_rate(r["rate"]) for r in recs)
         rates = [10 ** (7.7 + i * 0.05) for i in range(50)]  # 50 Mbit/s .. 15 Gbit/s, in bits
         for s in ("ddp", "a", "b", "c"):
-            model = [costmodel.step_time(prof, costmodel.Link(alpha, r / 8 * eff, cpu), s, recs[0]["K"], b).step_s for r in rates]
+            model = [
+                costmodel.step_time(prof, costmodel.Link(alpha, r / 8 * eff, cpu), s, recs[0]["K"], b).step_s
+                for r in rates
+            ]
             ax.plot([r / 1e9 for r in rates], model, color=colors[s], lw=1, alpha=0.7)
-            pts = [(costmodel.parse_rate(rec["rate"]) * 8 / 1e9, row["step"]) for rec in recs for row in rec["rows"] if row["scheme"] == s]
+            pts = [
+                (costmodel.parse_rate(rec["rate"]) * 8 / 1e9, row["step"])
+                for rec in recs
+                for row in rec["rows"]
+                if row["scheme"] == s
+            ]
             ax.plot(*zip(*pts), "o", color=colors[s], label=f"{'DDP' if s == 'ddp' else 'hybrid (' + s + ')'}")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -105,7 +125,13 @@ def plot(records: list[dict], path: Path) -> None:
         ax.set_title(f"AlexNet 224 px, 2 hosts, b = {b} per worker")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.text(0.5, 0.005, "points: measured; lines: cost model (profile and link measured in the same runs)", ha="center", fontsize=8)
+    fig.text(
+        0.5,
+        0.005,
+        "points: measured; lines: cost model (profile and link measured in the same runs)",
+        ha="center",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
 

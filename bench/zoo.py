@@ -77,8 +77,9 @@ def measure(name: str) -> dict:
     pairs = compare({**reference(again, again.model()), "replicas_differ": []}, refs["fp32"])
     row["one_device_fp32"] = max_error(pairs)
     # How far one device's float32 forward is from float64: the scale of float32 rounding there.
-    row["one_device_fp32_logits"] = max_error([p for p in compare({**refs["fp32"], "replicas_differ": []}, refs["fp64"])
-                                               if p[0] == "logits"])  # fmt: skip
+    row["one_device_fp32_logits"] = max_error(
+        [p for p in compare({**refs["fp32"], "replicas_differ": []}, refs["fp64"]) if p[0] == "logits"]
+    )
     del refs, pairs
     run3 = Run(name, workers=3, dtype=torch.float64)
     row["fp64_k3"] = max_error(compare(hybrid(run3, run3.model()), reference(run3, run3.model())))
@@ -136,11 +137,16 @@ def main() -> None:
         if r["status"] != "supported":
             lines.append(f"| {r['name']} | {r['share']} | {r['status']} | – | – | – | – | {r['plan']} |")
             continue
-        e = {k: f"{r[k][0]:.0e}" for k in ("fp64", "fp64_k3", "fp32", "one_device_fp32", "fp32_logits", "one_device_fp32_logits")}
+        e = {
+            k: f"{r[k][0]:.0e}"
+            for k in ("fp64", "fp64_k3", "fp32", "one_device_fp32", "fp32_logits", "one_device_fp32_logits")
+        }
         ok = "yes" if r["fp32_ok"] else "no"
-        lines.append(f"| {r['name']} | {r['share']} | supported | {e['fp64']} / {e['fp64_k3']} | "
-                     f"{e['fp32_logits']} / {e['one_device_fp32_logits']} | {e['fp32']} / {e['one_device_fp32']} | "
-                     f"{ok} | {r['plan']} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['share']} | supported | {e['fp64']} / {e['fp64_k3']} | "
+            f"{e['fp32_logits']} / {e['one_device_fp32_logits']} | {e['fp32']} / {e['one_device_fp32']} | "
+            f"{ok} | {r['plan']} |"
+        )
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC}")
 

@@ -72,7 +72,11 @@ def _specs(model: nn.Module) -> dict[str, ShardSpec]:
 
 
 def _full_shapes(model: nn.Module, plain: nn.Module) -> dict[str, list[int]]:
-    return model.full_shapes() if isinstance(model, HybridModel) else {n: list(t.shape) for n, t in plain.state_dict().items()}
+    return (
+        model.full_shapes()
+        if isinstance(model, HybridModel)
+        else {n: list(t.shape) for n, t in plain.state_dict().items()}
+    )
 
 
 def _param_names(plain: nn.Module) -> dict[int, str]:
@@ -81,7 +85,11 @@ def _param_names(plain: nn.Module) -> dict[int, str]:
 
 def _dropout_generators(model: nn.Module, device: torch.device) -> dict[str, torch.Generator]:
     """Each of the head's dropout layers' generator on ``device`` (made now if not used yet)."""
-    return {f"{name}@{device.type}": m.generator(device) for name, m in model.named_modules() if isinstance(m, WorkerDropout)}
+    return {
+        f"{name}@{device.type}": m.generator(device)
+        for name, m in model.named_modules()
+        if isinstance(m, WorkerDropout)
+    }
 
 
 def _device(plain: nn.Module) -> torch.device:
@@ -94,7 +102,7 @@ def _worker_payload(model: nn.Module, plain: nn.Module, optimizer: torch.optim.O
     # Replicated tensors: worker 0 writes them once. Head shards: the first group (2-D layout: the
     # other groups hold copies of the same shards).
     first_group = not isinstance(model, HybridModel) or model.replicas is None or model.replicas.rank == 0
-    keep = lambda n: (n in specs and first_group) or (n not in specs and rank == 0)  # noqa: E731
+    keep = lambda n: (n in specs and first_group) or (n not in specs and rank == 0)
     tensors = {f"model/{n}": t.detach().cpu().contiguous() for n, t in plain.state_dict().items() if keep(n)}
     for p, st in optimizer.state.items():
         buf = st.get("momentum_buffer")
@@ -131,9 +139,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(comm: Communicator, root: Path, *, model: nn.Module, plain: nn.Module, optimizer: torch.optim.Optimizer,
-         position: Position, schedule_state: Mapping[str, Any], scheme: str, config_yaml: str,
-         keep_last: int | None) -> Path:  # fmt: skip
+def save(
+    comm: Communicator,
+    root: Path,
+    *,
+    model: nn.Module,
+    plain: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    position: Position,
+    schedule_state: Mapping[str, Any],
+    scheme: str,
+    config_yaml: str,
+    keep_last: int | None,
+) -> Path:
     """Write one checkpoint (every worker calls this at the same step); returns its directory.
 
     A failure on any worker (e.g. a full disk) raises the same :class:`CheckpointError` on all,
@@ -166,13 +184,18 @@ def save(comm: Communicator, root: Path, *, model: nn.Module, plain: nn.Module, 
         try:
             ref = _full_shapes(model, plain)
             meta = {
-                "format": FORMAT, "step": position.step, "epoch": position.epoch,
-                "step_in_epoch": position.step_in_epoch, "world_size": comm.world_size, "scheme": scheme,
+                "format": FORMAT,
+                "step": position.step,
+                "epoch": position.epoch,
+                "step_in_epoch": position.step_in_epoch,
+                "world_size": comm.world_size,
+                "scheme": scheme,
                 "shapes": {n: list(s) for n, s in ref.items()},
                 "specs": {n: [s.dim, list(s.sizes)] for n, s in _specs(model).items()},
                 "files": {r[0]: {"bytes": r[1], "sha256": r[2]} for r, _ in records},
-                "config": config_yaml, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }  # fmt: skip
+                "config": config_yaml,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             _fsync_file(tmp / "meta.json")
             _fsync_dir(tmp)
@@ -232,7 +255,9 @@ def verify(path: Path, *, hashes: bool = True) -> dict[str, Any]:
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         if f.stat().st_size != want["bytes"]:
-            raise CheckpointError(f"{path}: {name} is {f.stat().st_size} bytes, meta.json says {want['bytes']} (truncated?)")
+            raise CheckpointError(
+                f"{path}: {name} is {f.stat().st_size} bytes, meta.json says {want['bytes']} (truncated?)"
+            )
         if hashes and _sha256(f) != want["sha256"]:
             raise CheckpointError(f"{path}: {name} does not match its SHA-256 in meta.json (corrupted)")
     return meta
@@ -255,7 +280,9 @@ def _read(path: Path, name: str) -> dict[str, Any]:
     try:
         return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not our file
-        raise CheckpointError(f"{path}/{name} cannot be read as a checkpoint file ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{path}/{name} cannot be read as a checkpoint file ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 class _Full:
@@ -267,7 +294,7 @@ class _Full:
         self.specs = {n: ShardSpec(d, tuple(s)) for n, (d, s) in meta["specs"].items()}
 
     def get(self, key: str) -> torch.Tensor | None:
-        kind, name = key.split("/", 1)
+        _, name = key.split("/", 1)
         if name in self.specs:  # the shards are in the first len(sizes) workers' files
             parts = [f["tensors"].get(key) for f in self.files[: len(self.specs[name].sizes)]]
             if any(p is None for p in parts):
@@ -276,8 +303,16 @@ class _Full:
         return self.files[0]["tensors"].get(key)
 
 
-def load(comm: Communicator, path: Path, meta: Mapping[str, Any], *, model: nn.Module, plain: nn.Module,
-         optimizer: torch.optim.Optimizer, scheme: str) -> tuple[Position, dict[str, Any]]:  # fmt: skip
+def load(
+    comm: Communicator,
+    path: Path,
+    meta: Mapping[str, Any],
+    *,
+    model: nn.Module,
+    plain: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheme: str,
+) -> tuple[Position, dict[str, Any]]:
     """Load the checkpoint into this worker's model and optimizer, re-cut for this layout; return
     the position and the schedule state. RNG streams are restored when the world size and scheme
     are the ones that wrote it (otherwise every worker's streams start from the seed again)."""
@@ -289,7 +324,9 @@ def load(comm: Communicator, path: Path, meta: Mapping[str, Any], *, model: nn.M
             where = "the model here" if n not in here else "the checkpoint"
             raise CheckpointError(f"{path} was written for another model: {n} is missing from {where}")
         if list(here[n]) != list(there[n]):
-            raise CheckpointError(f"{path} was written for another model: {n} is {list(there[n])} there, {list(here[n])} here")
+            raise CheckpointError(
+                f"{path} was written for another model: {n} is {list(there[n])} there, {list(here[n])} here"
+            )
     full = _Full(path, meta)
     specs = _specs(model)
 
@@ -324,8 +361,13 @@ def load(comm: Communicator, path: Path, meta: Mapping[str, Any], *, model: nn.M
             if f"dropout/{k}" in rng:
                 g.set_state(rng[f"dropout/{k}"])
     elif comm.rank == 0:
-        log.info("resuming with %d workers (%s) from a checkpoint of %d (%s): random streams restart from the seed",
-                 comm.world_size, scheme, meta["world_size"], meta.get("scheme"))  # fmt: skip
+        log.info(
+            "resuming with %d workers (%s) from a checkpoint of %d (%s): random streams restart from the seed",
+            comm.world_size,
+            scheme,
+            meta["world_size"],
+            meta.get("scheme"),
+        )
     position = Position(meta["step"], meta["epoch"], meta["step_in_epoch"])
     return position, full.files[0].get("schedule", {})
 

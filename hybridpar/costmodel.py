@@ -35,6 +35,7 @@ runs it predicts), compute on the device.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -105,7 +106,7 @@ class Profile:
         x = math.log(max(rows, 1e-9))
         if x <= pts[0][0]:
             return pts[0][1]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
             if x <= x1:
                 return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
         return pts[-1][1]
@@ -166,7 +167,9 @@ def trunk_stages(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
     for name, child in model.named_children():
         if name == "classifier":
             break
-        mods += [(f"{name}.{i}", m) for i, m in enumerate(child)] if isinstance(child, nn.Sequential) else [(name, child)]
+        mods += (
+            [(f"{name}.{i}", m) for i, m in enumerate(child)] if isinstance(child, nn.Sequential) else [(name, child)]
+        )
     stages: list[tuple[str, list[nn.Module]]] = []
     for name, m in mods:
         if not stages or any(True for _ in m.parameters(recurse=False)):
@@ -188,8 +191,16 @@ def _timed(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure_profile(model: nn.Module, image_size: int, batch: int, *, device: str = "cpu",
-                    dtype: torch.dtype = torch.float32, reps: int = 5, warmup: int = 2) -> Profile:  # fmt: skip
+def measure_profile(
+    model: nn.Module,
+    image_size: int,
+    batch: int,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    reps: int = 5,
+    warmup: int = 2,
+) -> Profile:
     """Time each trunk stage (forward, backward), the head's Linear layers and an SGD step.
 
     ``dtype=torch.bfloat16`` times under autocast (as the trainer's bf16 precision runs)."""
@@ -254,11 +265,15 @@ def measure_profile(model: nn.Module, image_size: int, batch: int, *, device: st
     n_opt = sum(p.numel() for p in params)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return Profile(
-        device=name, dtype=str(dtype).removeprefix("torch."), batch=batch, trunk=tuple(stages),
-        head=tuple((m.in_features, m.out_features) for m in head), fc_rates=tuple(rates),
+        device=name,
+        dtype=str(dtype).removeprefix("torch."),
+        batch=batch,
+        trunk=tuple(stages),
+        head=tuple((m.in_features, m.out_features) for m in head),
+        fc_rates=tuple(rates),
         opt_s_per_param=t_opt / n_opt,
         itemsize=2 if dtype == torch.bfloat16 else 4,
-    )  # fmt: skip
+    )
 
 
 # ---- the timeline ------------------------------------------------------------------------
@@ -342,8 +357,14 @@ def _linear_flops(n_in: int, n_out: int, style: str, rows: int, K: int) -> float
     return 2.0 * rows * (n_in * even_split(n_out, K)[0] if style == "col" else even_split(n_in, K)[0] * n_out)
 
 
-def _backward_with_buckets(tl: _Timeline, link: Link, stages_bwd: Sequence[tuple[float, Sequence[int]]],
-                           bucket_cap: int, K: int, overlap: bool = True) -> list[float]:  # fmt: skip
+def _backward_with_buckets(
+    tl: _Timeline,
+    link: Link,
+    stages_bwd: Sequence[tuple[float, Sequence[int]]],
+    bucket_cap: int,
+    K: int,
+    overlap: bool = True,
+) -> list[float]:
     """Run the backward stages (last first); issue each bucket's all-reduce when its last
     gradient is ready (and wait for it at once unless ``overlap``). Buckets as
     :func:`bucket_sizes` forms them over the forward order."""
@@ -365,8 +386,18 @@ def _backward_with_buckets(tl: _Timeline, link: Link, stages_bwd: Sequence[tuple
     return done
 
 
-def step_time(profile: Profile, link: Link, scheme: str, K: int, b: int, *, plan: str | Sequence[str] = "min_bytes",
-              overlap: bool = True, bucket_cap: int = HYBRID_BUCKET_ELEMENTS, fc_group_size: int | None = None) -> StepTime:  # fmt: skip
+def step_time(
+    profile: Profile,
+    link: Link,
+    scheme: str,
+    K: int,
+    b: int,
+    *,
+    plan: str | Sequence[str] = "min_bytes",
+    overlap: bool = True,
+    bucket_cap: int = HYBRID_BUCKET_ELEMENTS,
+    fc_group_size: int | None = None,
+) -> StepTime:
     """Predicted time of one training step with ``K`` workers, ``b`` images each.
 
     ``fc_group_size=G`` (hybrid schemes): the 2-D layout — the head is sharded inside groups of G
@@ -505,24 +536,34 @@ def _load(args) -> tuple[Profile, Link]:
 
 def _cmd_predict(args) -> None:
     prof, link = _load(args)
-    print(f"{prof.device} ({prof.dtype}); link {args.rate} (alpha {args.alpha_us:g} us); K = {args.workers}, b = {args.batch}")
+    print(
+        f"{prof.device} ({prof.dtype}); link {args.rate} (alpha {args.alpha_us:g} us); K = {args.workers}, b = {args.batch}"
+    )
     print("| scheme | step s | compute s | link busy s | exposed comm s | MB sent/worker |")
     print("|---|---|---|---|---|---|")
     for s in args.schemes.split(","):
         t = step_time(prof, link, s, args.workers, args.batch, plan=args.plan)
-        print(f"| {s} | {t.step_s:.3f} | {t.compute_s:.3f} | {t.comm_s:.3f} | {t.exposed_s:.3f} | {t.bytes_sent / 1e6:.2f} |")
+        print(
+            f"| {s} | {t.step_s:.3f} | {t.compute_s:.3f} | {t.comm_s:.3f} | {t.exposed_s:.3f} | {t.bytes_sent / 1e6:.2f} |"
+        )
 
 
 def _cmd_project(args) -> None:
     prof, link = _load(args)
     schemes = args.schemes.split(",")
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.max_workers]
-    print(f"{prof.device} ({prof.dtype}); link {args.rate} per worker (alpha {args.alpha_us:g} us); b = {args.batch}; "
-          f"one device: {single_device_time(prof, args.batch):.3f} s/step")  # fmt: skip
+    print(
+        f"{prof.device} ({prof.dtype}); link {args.rate} per worker (alpha {args.alpha_us:g} us); b = {args.batch}; "
+        f"one device: {single_device_time(prof, args.batch):.3f} s/step"
+    )
     print("| K | " + " | ".join(f"speedup {s}" for s in schemes) + " |")
     print("|---|" + "---|" * len(schemes))
     for k in ks:
-        print(f"| {k} | " + " | ".join(f"{speedup(prof, link, s, k, args.batch, plan=args.plan):.2f}" for s in schemes) + " |")
+        print(
+            f"| {k} | "
+            + " | ".join(f"{speedup(prof, link, s, k, args.batch, plan=args.plan):.2f}" for s in schemes)
+            + " |"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -544,7 +585,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         q.add_argument("--rate", default="1gbit", help="link rate per worker and direction, e.g. 100mbit, 10gbit, 6GB")
         q.add_argument("--alpha-us", type=float, default=50.0, help="latency per message step, microseconds")
         q.add_argument("--efficiency", type=float, default=1.0, help="fraction of the rate that carries payload")
-        q.add_argument("--cpu-ns-per-byte", type=float, default=0.0, help="processor time of the transport per byte moved")
+        q.add_argument(
+            "--cpu-ns-per-byte", type=float, default=0.0, help="processor time of the transport per byte moved"
+        )
         q.add_argument("--speed", type=float, default=1.0, help="device speed relative to the profile's")
         q.add_argument("--batch", type=int, default=128)
         q.add_argument("--plan", default="min_bytes")

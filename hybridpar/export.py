@@ -26,7 +26,9 @@ def resolve(path: Path) -> Path:
         found = checkpoint.latest(root)
         if found is not None:
             return found[0]
-    raise checkpoint.CheckpointError(f"{path}: no valid checkpoint there (looked for meta.json, and step-* in it and in checkpoints/)")
+    raise checkpoint.CheckpointError(
+        f"{path}: no valid checkpoint there (looked for meta.json, and step-* in it and in checkpoints/)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

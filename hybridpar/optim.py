@@ -29,7 +29,9 @@ def sgd(groups: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> torch.op
 
 
 class Schedule:
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], steps_per_epoch: int, total_steps: int):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], steps_per_epoch: int, total_steps: int
+    ):
         kind = cfg["schedule"]
         if kind not in SCHEDULES:
             raise ConfigError(f"optim.schedule={kind!r} is not one of {', '.join(SCHEDULES)}")
@@ -49,7 +51,9 @@ class Schedule:
         if main is not None:
             per_step.append(main)
         if len(per_step) == 2:
-            self.per_step: lr_scheduler.LRScheduler | None = lr_scheduler.SequentialLR(optimizer, per_step, milestones=[warmup])
+            self.per_step: lr_scheduler.LRScheduler | None = lr_scheduler.SequentialLR(
+                optimizer, per_step, milestones=[warmup]
+            )
         else:
             self.per_step = per_step[0] if per_step else None
         self.warmup = warmup

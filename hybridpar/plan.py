@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,8 +28,18 @@ from hybridpar.parallel.cost import ddp_step_bytes, two_d_step_bytes
 from hybridpar.parallel.data_parallel import trunk_bucket_numels
 from hybridpar.parallel.head import choose_styles
 
-DEFAULTS = {"model": "alexnet", "world_size": "8", "batch": "128", "bandwidth": "10gbit", "num_classes": "1000",
-            "image_size": "224", "in_channels": "3", "alpha_us": "10", "plan": "min_bytes", "profile": ""}  # fmt: skip
+DEFAULTS = {
+    "model": "alexnet",
+    "world_size": "8",
+    "batch": "128",
+    "bandwidth": "10gbit",
+    "num_classes": "1000",
+    "image_size": "224",
+    "in_channels": "3",
+    "alpha_us": "10",
+    "plan": "min_bytes",
+    "profile": "",
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,9 @@ def build(name: str, num_classes: int, in_channels: int) -> nn.Module:
     from hybridpar.models import VGG_DEPTHS, build_model
 
     cfg = {"name": name, "dropout": 0.5}
-    if name not in ("alexnet", "alexnet_small", *VGG_DEPTHS) and name in torchvision.models.list_models(module=torchvision.models):
+    if name not in ("alexnet", "alexnet_small", *VGG_DEPTHS) and name in torchvision.models.list_models(
+        module=torchvision.models
+    ):
         cfg = {"name": "torchvision", "arch": name}  # any other torchvision model by its own name
     if name == "alexnet_small":
         cfg |= {"channels": [32, 64, 96, 64, 64], "hidden": 512, "pool_size": 3}
@@ -69,8 +82,11 @@ def layer_table(model: nn.Module, image_size: int, in_channels: int, styles: Seq
     """``(name, kind, parameters, activation elements per example, parallelism)`` per layer with weights."""
     head = set(split_model(model).head_names)
     shapes: dict[str, tuple] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
-             for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
+        for n, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False))
+    ]
     with torch.no_grad():
         model(torch.zeros(1, in_channels, image_size, image_size, device=next(model.parameters()).device))
     for h in hooks:
@@ -101,8 +117,15 @@ def layouts(model: nn.Module, K: int, b: int, link: cm.Link, profile: cm.Profile
         return steps * link.alpha_s + kind_bytes / link.bytes_per_s
 
     ddp = ddp_step_bytes(n_all, K)
-    out.append(Layout("DDP", 0, ddp, cm.step_time(profile, link, "ddp", K, b).step_s if profile else None,
-                      link_time(ddp, 2 * (K - 1))))  # fmt: skip
+    out.append(
+        Layout(
+            "DDP",
+            0,
+            ddp,
+            cm.step_time(profile, link, "ddp", K, b).step_s if profile else None,
+            link_time(ddp, 2 * (K - 1)),
+        )
+    )
     for G in [g for g in range(1, K + 1) if K % g == 0 and g > 1]:
         styles = choose_styles(widths, G, plan)
         by = two_d_step_bytes(widths, styles, trunk, b, K, G)
@@ -137,18 +160,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         K, b = int(args["world_size"]), int(args["batch"])
         link = cm.Link(float(args["alpha_us"]) * 1e-6, cm.parse_rate(args["bandwidth"]))
         model = build(args["model"], int(args["num_classes"]), int(args["in_channels"]))
-        profile = cm.Profile.from_json(open(args["profile"]).read()) if args["profile"] else None
+        profile = cm.Profile.from_json(Path(args["profile"]).read_text()) if args["profile"] else None
     except Exception as exc:  # noqa: BLE001 - one line for any bad argument
         print(f"hybridpar.plan: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     ls = layouts(model, K, b, link, profile, args["plan"])
     choice = best(ls)
     styles = choose_styles(head_widths(model), choice.G, args["plan"]) if choice.G else ()
-    print(f"{args['model']}: K = {K} workers, b = {b} per worker, {args['bandwidth']} per worker, "
-          f"{'profile ' + args['profile'] if profile else 'no compute profile (link time only)'}")  # fmt: skip
+    print(
+        f"{args['model']}: K = {K} workers, b = {b} per worker, {args['bandwidth']} per worker, "
+        f"{'profile ' + args['profile'] if profile else 'no compute profile (link time only)'}"
+    )
     print("| layer | kind | parameters | activation / example | parallelism |")
     print("|---|---|---|---|---|")
-    for n, kind, p, act, par in layer_table(model, int(args["image_size"]), int(args["in_channels"]), styles or ("col",) * 8):
+    for n, kind, p, act, par in layer_table(
+        model, int(args["image_size"]), int(args["in_channels"]), styles or ("col",) * 8
+    ):
         print(f"| {n} | {kind} | {p:,} | {act:,} | {par if choice.G else 'data parallel'} |")
     print()
     print("| layout | MB sent per worker and step | link time s | predicted step s |")
@@ -156,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for lay in ls:
         step = f"{lay.step_s:.4f}" if lay.step_s is not None else "–"
         print(f"| {lay.name} | {lay.bytes / 1e6:.1f} | {lay.link_s:.4f} | {step} |")
-    print(f"\nchosen: {choice.name}" + (f" (parallel.fc_group_size={choice.G})" if choice.G else " (parallel.scheme=ddp)"))
+    print(
+        f"\nchosen: {choice.name}" + (f" (parallel.fc_group_size={choice.G})" if choice.G else " (parallel.scheme=ddp)")
+    )
 
 
 def trunk_buckets(model: nn.Module, head: str | None = None) -> list[int]:
@@ -167,7 +196,9 @@ def trunk_buckets(model: nn.Module, head: str | None = None) -> list[int]:
 
 def head_widths(model: nn.Module, head: str | None = None) -> list[tuple[int, int]]:
     """``(in, out)`` of each Linear of the model's head."""
-    return [(m.in_features, m.out_features) for m in split_model(model, head).head_layers(model) if isinstance(m, nn.Linear)]
+    return [
+        (m.in_features, m.out_features) for m in split_model(model, head).head_layers(model) if isinstance(m, nn.Linear)
+    ]
 
 
 if __name__ == "__main__":

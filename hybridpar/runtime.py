@@ -75,8 +75,13 @@ def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int
         else:
             device, backend = torch.device("cpu"), "gloo"
             torch.set_num_threads(_threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        dist.init_process_group(backend, store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))  # fmt: skip
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(timeout_s),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timedelta(seconds=timeout_s),
+        )
         try:
             result = fn(DistCommunicator(), device)
             dist.barrier()

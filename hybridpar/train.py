@@ -73,8 +73,9 @@ def main(cfg: DictConfig) -> None:
             torch.use_deterministic_algorithms(True)
         summary = runtime.run_workers(
             lambda comm, device: train(comm, device, cfg, run_dir),
-            emulate=cfg.parallel.emulate, timeout_s=cfg.parallel.timeout_s,
-        )  # fmt: skip
+            emulate=cfg.parallel.emulate,
+            timeout_s=cfg.parallel.timeout_s,
+        )
     except HybridparError as exc:
         # One line, from rank 0 only, and a non-zero exit: no traceback wall from every rank.
         if rank0:

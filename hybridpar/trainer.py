@@ -93,7 +93,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.parallel.get("fc_batch", "full") not in ("full", "chunk"):
         raise ConfigError(f"parallel.fc_batch={cfg.parallel.fc_batch!r} is not one of full, chunk")
     if cfg.parallel.get("fc_batch", "full") == "chunk" and cfg.parallel.scheme not in ("b", "c"):
-        raise ConfigError(f"parallel.fc_batch=chunk updates the head after each round: it needs parallel.scheme=b or c, not {cfg.parallel.scheme!r}")
+        raise ConfigError(
+            f"parallel.fc_batch=chunk updates the head after each round: it needs parallel.scheme=b or c, not {cfg.parallel.scheme!r}"
+        )
     if cfg.parallel.get("comm_dtype", "fp32") not in PRECISIONS:
         raise ConfigError(f"parallel.comm_dtype={cfg.parallel.comm_dtype!r} is not one of fp32, bf16")
     if cfg.optim.get("conv_lr_scale", "none") not in LR_SCALES:
@@ -102,7 +104,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
     if cfg.trainer.max_steps is None and not (isinstance(cfg.trainer.epochs, int) and cfg.trainer.epochs >= 1):
         raise ConfigError(f"trainer.epochs must be a positive integer, got {cfg.trainer.epochs!r}")
-    if cfg.trainer.max_steps is not None and not (isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps >= 1):
+    if cfg.trainer.max_steps is not None and not (
+        isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps >= 1
+    ):
         raise ConfigError(f"trainer.max_steps must be a positive integer or null, got {cfg.trainer.max_steps!r}")
 
 
@@ -136,12 +140,17 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
 
     if cfg.parallel.scheme != "ddp":
         model = HybridModel(
-            full, comm, plan=_plan(cfg.parallel.plan), head=cfg.model.get("head"), seed=cfg.seed,
+            full,
+            comm,
+            plan=_plan(cfg.parallel.plan),
+            head=cfg.model.get("head"),
+            seed=cfg.seed,
             comm_dtype=torch.bfloat16 if cfg.parallel.get("comm_dtype", "fp32") == "bf16" else None,
             overlap=cfg.parallel.get("overlap", True),
             bucket_cap=int(cfg.parallel.get("bucket_mb", 4) * 2**20 / 4),
-            fc_group_size=_group_size(cfg, full, K, b), sync_bn=bool(cfg.parallel.get("sync_bn", True)),
-        ).to(device)  # fmt: skip
+            fc_group_size=_group_size(cfg, full, K, b),
+            sync_bn=bool(cfg.parallel.get("sync_bn", True)),
+        ).to(device)
         plain = model
     else:
         plain = full.to(device)
@@ -155,15 +164,23 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     # variance argument scales their rate by √K relative to the configured one, linear by K.
     conv_lr = cfg.optim.lr * LR_SCALES[cfg.optim.get("conv_lr_scale", "none")](K)
     groups = [
-        {"name": "conv", "params": [p for n, p in plain.named_parameters() if not split.is_head_parameter(n)],
-         "lr": conv_lr},
+        {
+            "name": "conv",
+            "params": [p for n, p in plain.named_parameters() if not split.is_head_parameter(n)],
+            "lr": conv_lr,
+        },
         {"name": "fc", "params": [p for n, p in plain.named_parameters() if split.is_head_parameter(n)]},
-    ]  # fmt: skip
+    ]
     optimizer = sgd(groups, cfg.optim)
     loader = train_loader(
-        data.train, local_batch=b, rank=comm.rank, world_size=K, seed=cfg.seed,
-        num_workers=cfg.data.get("num_workers", 0), pin_memory=device.type == "cuda",
-    )  # fmt: skip
+        data.train,
+        local_batch=b,
+        rank=comm.rank,
+        world_size=K,
+        seed=cfg.seed,
+        num_workers=cfg.data.get("num_workers", 0),
+        pin_memory=device.type == "cuda",
+    )
     _fast_path(cfg, model if cfg.parallel.scheme != "ddp" else plain, split.trunk_module_names(), device)
     return Setup(model, plain, optimizer, b, loader, data.val, data.num_classes)
 
@@ -178,12 +195,18 @@ def _fast_path(cfg: DictConfig, model: nn.Module, trunk_names: list[str], device
         for n in trunk_names:
             model.get_submodule(n).compile()
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(cfg.trainer.get("cudnn_benchmark", True)) and not cfg.trainer.deterministic
+        torch.backends.cudnn.benchmark = (
+            bool(cfg.trainer.get("cudnn_benchmark", True)) and not cfg.trainer.deterministic
+        )
 
 
 def _inputs(x: torch.Tensor, device: torch.device, cfg: DictConfig) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if cfg.trainer.get("channels_last", False) and x.dim() == 4 else x
+    return (
+        x.contiguous(memory_format=torch.channels_last)
+        if cfg.trainer.get("channels_last", False) and x.dim() == 4
+        else x
+    )
 
 
 def _init_from(model: nn.Module, path: str) -> None:
@@ -194,16 +217,22 @@ def _init_from(model: nn.Module, path: str) -> None:
     except FileNotFoundError:
         raise ConfigError(f"model.init_from={path}: no such file") from None
     except Exception as exc:  # noqa: BLE001 - anything unreadable or with code in it
-        raise ConfigError(f"model.init_from={path} is not a state_dict file torch can load safely ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(
+            f"model.init_from={path} is not a state_dict file torch can load safely ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConfigError(f"model.init_from={path} does not hold a state_dict (name -> tensor)")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
-        raise ConfigError(f"model.init_from={path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConfigError(
+            f"model.init_from={path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for name, t in sd.items():
         if t.shape != own[name].shape:
-            raise ConfigError(f"model.init_from={path} does not fit this model: {name} is {list(t.shape)} there, {list(own[name].shape)} here")
+            raise ConfigError(
+                f"model.init_from={path} does not fit this model: {name} is {list(t.shape)} there, {list(own[name].shape)} here"
+            )
     model.load_state_dict(sd, strict=True)
 
 
@@ -238,9 +267,12 @@ def evaluate(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup
     k5 = min(5, s.num_classes)
     totals = torch.zeros(5, dtype=torch.float64)
     batches = eval_batches(
-        s.val, local_batch=s.local_batch, rank=comm.rank, world_size=comm.world_size,
+        s.val,
+        local_batch=s.local_batch,
+        rank=comm.rank,
+        world_size=comm.world_size,
         num_workers=cfg.data.get("num_workers", 0),
-    )  # fmt: skip
+    )
     with torch.no_grad(), _autocast(device, cfg.trainer.precision):
         for x, y, valid in batches:
             x, y, valid = _inputs(x, device, cfg), y.to(device), valid.to(device)
@@ -249,13 +281,20 @@ def evaluate(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup
             top = logits.topk(k5, dim=1).indices
             hit1 = top[:, 0] == y
             hit5 = (top == y[:, None]).any(dim=1)
-            totals[:4] += torch.stack([ce[valid].sum(), hit1[valid].sum(), hit5[valid].sum(), valid.sum()]).double().cpu()
+            totals[:4] += (
+                torch.stack([ce[valid].sum(), hit1[valid].sum(), hit5[valid].sum(), valid.sum()]).double().cpu()
+            )
     totals[4] = getattr(batches, "skipped", 0)  # unreadable held-out files (left out of the metrics)
     totals = comm.all_reduce(totals, tag="metrics") if comm.world_size > 1 else totals
     loss, top1, top5, n, unreadable = totals.tolist()
     s.plain.train()
-    return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": top5 / n, "val_examples": int(n),
-            "val_unreadable": int(unreadable)}  # fmt: skip
+    return {
+        "val_loss": loss / n,
+        "val_top1": top1 / n,
+        "val_top5": top5 / n,
+        "val_examples": int(n),
+        "val_unreadable": int(unreadable),
+    }
 
 
 def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -288,15 +327,31 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
     def save() -> None:
         nonlocal saved_at
         position = checkpoint.Position(step, step // steps_per_epoch, step % steps_per_epoch)
-        path = checkpoint.save(comm, ckpt_root, model=s.model if hybrid else s.plain, plain=s.plain,
-                               optimizer=s.optimizer, position=position, schedule_state=schedule.state_dict(),
-                               scheme=cfg.parallel.scheme, config_yaml=config_yaml, keep_last=ck.get("keep_last"))  # fmt: skip
+        path = checkpoint.save(
+            comm,
+            ckpt_root,
+            model=s.model if hybrid else s.plain,
+            plain=s.plain,
+            optimizer=s.optimizer,
+            position=position,
+            schedule_state=schedule.state_dict(),
+            scheme=cfg.parallel.scheme,
+            config_yaml=config_yaml,
+            keep_last=ck.get("keep_last"),
+        )
         saved_at = step
         if rank0:
             log.info("step %d: checkpoint %s", step, path)
-    log.info("world size %d (%s), scheme %s, %d images per worker, %d steps per epoch, %d steps",
-             K, "emulated" if not isinstance(comm, DistCommunicator) else "torch.distributed",
-             cfg.parallel.scheme, s.local_batch, steps_per_epoch, total)  # fmt: skip
+
+    log.info(
+        "world size %d (%s), scheme %s, %d images per worker, %d steps per epoch, %d steps",
+        K,
+        "emulated" if not isinstance(comm, DistCommunicator) else "torch.distributed",
+        cfg.parallel.scheme,
+        s.local_batch,
+        steps_per_epoch,
+        total,
+    )
 
     def emit(record: dict[str, Any]) -> None:
         if not rank0:
@@ -320,9 +375,13 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                 if hybrid:
                     # This worker's share of the global-batch mean; trunk gradients are summed.
                     loss, _ = s.model.train_step(
-                        x, y, scheme=cfg.parallel.scheme, fc_batch=cfg.parallel.get("fc_batch", "full"),
-                        optimizer=s.optimizer, autocast=lambda: _autocast(device, cfg.trainer.precision),
-                    )  # fmt: skip
+                        x,
+                        y,
+                        scheme=cfg.parallel.scheme,
+                        fc_batch=cfg.parallel.get("fc_batch", "full"),
+                        optimizer=s.optimizer,
+                        autocast=lambda: _autocast(device, cfg.trainer.precision),
+                    )
                 else:
                     # DDP: the local mean; gradients averaged.
                     with _autocast(device, cfg.trainer.precision):
@@ -337,8 +396,10 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                     # Every worker sees the same verdict (one tiny all-reduce), so all skip or all stop.
                     if not cfg.trainer.get("skip_nonfinite", False):
                         last = f"step {saved_at}" if saved_at is not None else "none written yet"
-                        raise NonFiniteLoss(f"non-finite loss at step {step + 1} (epoch {epoch}); stopped before the update "
-                                            f"(last checkpoint: {last}, intact); trainer.skip_nonfinite=true skips such steps")  # fmt: skip
+                        raise NonFiniteLoss(
+                            f"non-finite loss at step {step + 1} (epoch {epoch}); stopped before the update "
+                            f"(last checkpoint: {last}, intact); trainer.skip_nonfinite=true skips such steps"
+                        )
                     if rank0:
                         log.warning("step %d: non-finite loss, step skipped (no update)", step + 1)
                     s.optimizer.zero_grad(set_to_none=True)
@@ -367,11 +428,15 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                     train_loss = _global_mean(comm, loss_sum, loss_n, hybrid)
                     loss_sum, loss_n = 0.0, 0
                     record = {
-                        "step": step, "epoch": epoch, "train/loss": train_loss,
-                        "perf/step_s": dt, "perf/comm_s": meter.comm_s[-1],
+                        "step": step,
+                        "epoch": epoch,
+                        "train/loss": train_loss,
+                        "perf/step_s": dt,
+                        "perf/comm_s": meter.comm_s[-1],
                         "perf/compute_s": max(0.0, dt - meter.comm_s[-1]),
-                        "perf/images_per_s": x.shape[0] * K / dt, "perf/comm_bytes": meter.comm_bytes[-1],
-                    }  # fmt: skip
+                        "perf/images_per_s": x.shape[0] * K / dt,
+                        "perf/comm_bytes": meter.comm_bytes[-1],
+                    }
                     record |= {f"lr/{name}": lr for name, lr in learning_rates(s.optimizer).items()}
                     emit(record)
                     if bar is not None:
@@ -383,8 +448,14 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                     schedule.after_eval(last_val)
                     emit({"step": step, "epoch": epoch, **{f"val/{k[4:]}": v for k, v in last_val.items()}})
                     if rank0:
-                        log.info("step %d epoch %d: train loss %.4f, held-out top-1 %.4f top-5 %.4f",
-                                 step, epoch, train_loss, last_val["val_top1"], last_val["val_top5"])  # fmt: skip
+                        log.info(
+                            "step %d epoch %d: train loss %.4f, held-out top-1 %.4f top-5 %.4f",
+                            step,
+                            epoch,
+                            train_loss,
+                            last_val["val_top1"],
+                            last_val["val_top5"],
+                        )
                 ck_every = ck.get("every_steps")
                 if (ck_every and step % ck_every == 0) or step >= total:
                     save()
@@ -405,27 +476,41 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
             metrics_file.close()
 
     summary = {
-        "val_top1": last_val.get("val_top1"), "val_top5": last_val.get("val_top5"),
-        "val_loss": last_val.get("val_loss"), "train_loss": train_loss, "steps": step,
-        "epochs": step / steps_per_epoch, "world_size": K, "scheme": cfg.parallel.scheme,
+        "val_top1": last_val.get("val_top1"),
+        "val_top5": last_val.get("val_top5"),
+        "val_loss": last_val.get("val_loss"),
+        "train_loss": train_loss,
+        "steps": step,
+        "epochs": step / steps_per_epoch,
+        "world_size": K,
+        "scheme": cfg.parallel.scheme,
         "fc_group_size": s.model.comm.world_size if hybrid else None,
-        "emulated": not isinstance(comm, DistCommunicator), "device": str(device),
-        "precision": cfg.trainer.precision, "local_batch": s.local_batch, "global_batch": s.local_batch * K,
+        "emulated": not isinstance(comm, DistCommunicator),
+        "device": str(device),
+        "precision": cfg.trainer.precision,
+        "local_batch": s.local_batch,
+        "global_batch": s.local_batch * K,
         "images_per_s": meter.images / meter.train_s if meter.train_s else 0.0,
-        "step_s": meter.median("step_s"), "comm_s_per_step": meter.median("comm_s"),
+        "step_s": meter.median("step_s"),
+        "comm_s_per_step": meter.median("comm_s"),
         "compute_s_per_step": max(0.0, meter.median("step_s") - meter.median("comm_s")),
         "comm_bytes_per_step": int(meter.median("comm_bytes")),
-        "lr": learning_rates(s.optimizer), "resumed_from_step": start.step if start else None,
-        "skipped_nonfinite_steps": skipped_steps, "unreadable_train_images": unreadable,
-        "unreadable_val_images": last_val.get("val_unreadable", 0), "checkpoint": str(ckpt_root / f"step-{saved_at:08d}") if saved_at else None,
-    }  # fmt: skip
+        "lr": learning_rates(s.optimizer),
+        "resumed_from_step": start.step if start else None,
+        "skipped_nonfinite_steps": skipped_steps,
+        "unreadable_train_images": unreadable,
+        "unreadable_val_images": last_val.get("val_unreadable", 0),
+        "checkpoint": str(ckpt_root / f"step-{saved_at:08d}") if saved_at else None,
+    }
     if run is not None:
         run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
         run.finish()
     return summary if rank0 else None
 
 
-def _resume(comm: Communicator, cfg: DictConfig, root: Path, s: Setup, schedule: Schedule) -> checkpoint.Position | None:
+def _resume(
+    comm: Communicator, cfg: DictConfig, root: Path, s: Setup, schedule: Schedule
+) -> checkpoint.Position | None:
     """Find the checkpoint to continue from (``checkpoint.resume``: auto | none | a path) and load
     it. Worker 0 chooses and tells the others, so all load the same one."""
     choice = str((cfg.get("checkpoint") or {}).get("resume", "none") or "none")
@@ -444,12 +529,24 @@ def _resume(comm: Communicator, cfg: DictConfig, root: Path, s: Setup, schedule:
     if found is None:
         return None
     path, meta = found
-    position, schedule_state = checkpoint.load(comm, path, meta, model=s.model if cfg.parallel.scheme != "ddp" else s.plain,
-                                               plain=s.plain, optimizer=s.optimizer, scheme=cfg.parallel.scheme)  # fmt: skip
+    position, schedule_state = checkpoint.load(
+        comm,
+        path,
+        meta,
+        model=s.model if cfg.parallel.scheme != "ddp" else s.plain,
+        plain=s.plain,
+        optimizer=s.optimizer,
+        scheme=cfg.parallel.scheme,
+    )
     schedule.load_state_dict(schedule_state)
     if comm.rank == 0:
-        log.info("resuming from %s (step %d, epoch %d, batch %d of the epoch)", path, position.step, position.epoch,
-                 position.step_in_epoch)  # fmt: skip
+        log.info(
+            "resuming from %s (step %d, epoch %d, batch %d of the epoch)",
+            path,
+            position.step,
+            position.epoch,
+            position.step_in_epoch,
+        )
     return position
 
 
@@ -462,7 +559,9 @@ def _fault(comm: Communicator) -> dict[str, int]:
     for item in filter(None, spec.split(",")):
         what, _, rest = item.partition("@")
         at, _, rank = rest.partition(":")
-        if what == "kill" and (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or (rank and int(rank) != comm.rank)):
+        if what == "kill" and (
+            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or (rank and int(rank) != comm.rank)
+        ):
             continue
         out[what] = int(at)
     return out
@@ -494,10 +593,14 @@ def _wandb_run(cfg: DictConfig, run_dir: Path):
     from hybridpar.rundir import sweep_group
 
     return wandb.init(
-        project=cfg.logger.project, dir=str(run_dir), mode=cfg.logger.mode, name=run_dir.name,
-        group=sweep_group(run_dir), job_type=f"scheme-{cfg.parallel.scheme}",
+        project=cfg.logger.project,
+        dir=str(run_dir),
+        mode=cfg.logger.mode,
+        name=run_dir.name,
+        group=sweep_group(run_dir),
+        job_type=f"scheme-{cfg.parallel.scheme}",
         config=OmegaConf.to_container(cfg, resolve=True),
-    )  # fmt: skip
+    )
 
 
 def _progress(cfg: DictConfig, total: int):

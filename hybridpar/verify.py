@@ -54,7 +54,10 @@ class Case:
         g = torch.Generator().manual_seed(self.seed + 1)
         n = self.world_size * self.local_batch
         return [
-            (torch.randn(n, 3, self.image_size, self.image_size, generator=g), torch.randint(0, self.num_classes, (n,), generator=g))
+            (
+                torch.randn(n, 3, self.image_size, self.image_size, generator=g),
+                torch.randint(0, self.num_classes, (n,), generator=g),
+            )
             for _ in range(self.steps)
         ]
 
@@ -71,13 +74,22 @@ def _params(model: nn.Module, what: str) -> dict[str, torch.Tensor]:
 def hybrid_worker(comm: Communicator, case: Case, model: nn.Module | None = None) -> dict:
     """One worker's run of ``case``: what it saw at step 0 and its weights after the last step."""
     hybrid = HybridModel(
-        model if model is not None else case.model(), comm, plan=case.plan, seed=case.seed,
-        comm_dtype=torch.bfloat16 if case.comm_dtype == "bf16" else None, overlap=case.overlap,
+        model if model is not None else case.model(),
+        comm,
+        plan=case.plan,
+        seed=case.seed,
+        comm_dtype=torch.bfloat16 if case.comm_dtype == "bf16" else None,
+        overlap=case.overlap,
         fc_group_size=case.fc_group_size,
-    )  # fmt: skip
+    )
     opt = case.optimizer(hybrid.parameters())
     lo, hi = comm.rank * case.local_batch, (comm.rank + 1) * case.local_batch
-    out: dict = {"specs": hybrid.shard_specs(), "styles": hybrid.styles, "group_size": hybrid.comm.world_size, "trunk": [n for n, _ in hybrid.named_parameters() if not hybrid.split.is_head_parameter(n)]}
+    out: dict = {
+        "specs": hybrid.shard_specs(),
+        "styles": hybrid.styles,
+        "group_size": hybrid.comm.world_size,
+        "trunk": [n for n, _ in hybrid.named_parameters() if not hybrid.split.is_head_parameter(n)],
+    }
     for step, (x, y) in enumerate(case.batches()):
         comm.ledger.reset()
         opt.zero_grad(set_to_none=True)
@@ -108,7 +120,9 @@ def reference(case: Case, model: nn.Module | None = None) -> dict:
     return out
 
 
-def compare(workers: Sequence[dict], ref: dict, rtol: float = RTOL, atol: float = ATOL, check: bool = True) -> dict[str, float]:
+def compare(
+    workers: Sequence[dict], ref: dict, rtol: float = RTOL, atol: float = ATOL, check: bool = True
+) -> dict[str, float]:
     """Largest absolute differences between the re-assembled workers and the reference.
 
     With ``check``, asserts ``torch.testing.assert_close`` at (rtol, atol) and that the trunk
@@ -133,7 +147,9 @@ def compare(workers: Sequence[dict], ref: dict, rtol: float = RTOL, atol: float 
         for name, expected in ref[key].items():
             actual = got[key][name]
             if check:
-                torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m, k=f"{key}[{name}]": f"{k}: {m}")
+                torch.testing.assert_close(
+                    actual, expected, rtol=rtol, atol=atol, msg=lambda m, k=f"{key}[{name}]": f"{k}: {m}"
+                )
             errors[key] = max(errors.get(key, 0.0), (actual - expected).abs().max().item())
     if check:
         for name in workers[0]["trunk"]:
@@ -167,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         world = dist.get_world_size()
     else:
         world = args.workers
-    case = Case(world, local_batch=args.batch, plan=plan, hidden=args.hidden, num_classes=args.classes, scheme=args.scheme)
+    case = Case(
+        world, local_batch=args.batch, plan=plan, hidden=args.hidden, num_classes=args.classes, scheme=args.scheme
+    )
     if under_torchrun:
         mine = hybrid_worker(DistCommunicator(), case)
         workers: list = [None] * world

@@ -23,7 +23,11 @@ def _entry(rank: int, world_size: int, store: str, out_dir: str, fn, args) -> No
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=GLOO_TIMEOUT_S)
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=GLOO_TIMEOUT_S),
     )
     try:
         result = ("ok", fn(DistCommunicator(), *args))
@@ -78,8 +82,9 @@ def run_cmd(cmd, *, cwd=None, env=None, timeout: float = 240):
     import signal
     import subprocess
 
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -24,7 +24,9 @@ def _uneven_batches(comm):
 
 
 def test_uneven_local_batches_emulated():
-    with pytest.raises(BatchMismatchError, match=r"local batch shape .*worker 0: \(4, 3, 32, 32\).*worker 1: \(3, 3, 32, 32\)"):
+    with pytest.raises(
+        BatchMismatchError, match=r"local batch shape .*worker 0: \(4, 3, 32, 32\).*worker 1: \(3, 3, 32, 32\)"
+    ):
         run_emulated(3, _uneven_batches)
 
 
@@ -55,7 +57,10 @@ def _with_head(head):
     "head, sharded",
     [
         # A layer that is not elementwise ends the head: what comes before it runs in the trunk.
-        (nn.Sequential(nn.Linear(144, 50), nn.BatchNorm1d(50), nn.ReLU(), nn.Linear(50, 10)), ["classifier.2", "classifier.3"]),
+        (
+            nn.Sequential(nn.Linear(144, 50), nn.BatchNorm1d(50), nn.ReLU(), nn.Linear(50, 10)),
+            ["classifier.2", "classifier.3"],
+        ),
         (nn.Sequential(nn.Linear(144, 50), nn.Softmax(dim=1), nn.Linear(50, 10)), ["classifier.2"]),
     ],
 )

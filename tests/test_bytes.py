@@ -34,7 +34,8 @@ def test_ledger_matches_formula(K, plan):
 def test_byte_minimal_layout_moves_fewer_bytes_than_the_papers():
     for K in (2, 3, 4):
         sent = {
-            plan: sum(w["sent"] for w in run_emulated(K, hybrid_worker, Case(K, plan=plan))) for plan in ("paper", "min_bytes")
+            plan: sum(w["sent"] for w in run_emulated(K, hybrid_worker, Case(K, plan=plan)))
+            for plan in ("paper", "min_bytes")
         }
         assert sent["min_bytes"] < sent["paper"], (K, sent)
 

@@ -35,7 +35,12 @@ def _run(cmd, cwd, timeout=240, **env):
 
 def _train(run_dir: Path, *overrides: str, K: int = 2, fault: str | None = None, timeout: int = 240):
     env = {"HYBRIDPAR_FAULT": fault} if fault else {}
-    return _run([*TRAIN, f"parallel.emulate={K}", *QUIET, f"hydra.run.dir={run_dir}", *overrides], run_dir.parent, timeout, **env)
+    return _run(
+        [*TRAIN, f"parallel.emulate={K}", *QUIET, f"hydra.run.dir={run_dir}", *overrides],
+        run_dir.parent,
+        timeout,
+        **env,
+    )
 
 
 def _final(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +77,9 @@ def test_killed_run_resumes_to_the_exact_same_weights(tmp_path):
     for n in a:
         assert torch.equal(a[n], b[n]), n
     # The check can fail: one step fewer is not the same weights.
-    assert not all(torch.equal(a[n], checkpoint.full_state_dict(tmp_path / "ref" / "checkpoints" / "step-00000006")[n]) for n in a)
+    assert not all(
+        torch.equal(a[n], checkpoint.full_state_dict(tmp_path / "ref" / "checkpoints" / "step-00000006")[n]) for n in a
+    )
 
 
 RESHARD = ["trainer.max_steps=8", "checkpoint.every_steps=4", "data.global_batch=24", "model.dropout=0.0"]
@@ -108,8 +115,18 @@ def _save_alexnet(comm, root: Path, x: torch.Tensor):
     mine = x[comm.rank * b : (comm.rank + 1) * b]
     model.train_step(mine, torch.arange(b) % 10, scheme="a", optimizer=opt)
     opt.step()
-    checkpoint.save(comm, root, model=model, plain=model, optimizer=opt, position=checkpoint.Position(1, 0, 1),
-                    schedule_state={}, scheme="a", config_yaml="", keep_last=None)  # fmt: skip
+    checkpoint.save(
+        comm,
+        root,
+        model=model,
+        plain=model,
+        optimizer=opt,
+        position=checkpoint.Position(1, 0, 1),
+        schedule_state={},
+        scheme="a",
+        config_yaml="",
+        keep_last=None,
+    )
     model.eval()
     with torch.no_grad():
         return model(mine)
@@ -145,8 +162,13 @@ def test_init_from_a_state_dict_and_refusing_one_that_does_not_fit(tmp_path):
     sd = torch.load(sd_file, weights_only=True)
     # Its only step is skipped (a NaN batch, skip_nonfinite): the final checkpoint holds the
     # weights the run started from.
-    same = _train(tmp_path / "b", "trainer.max_steps=1", f"model.init_from={sd_file}", "trainer.skip_nonfinite=true",
-                  fault="nan@1")  # fmt: skip
+    same = _train(
+        tmp_path / "b",
+        "trainer.max_steps=1",
+        f"model.init_from={sd_file}",
+        "trainer.skip_nonfinite=true",
+        fault="nan@1",
+    )
     assert same.returncode == 0, same.stderr[-2000:]
     got = _final(tmp_path / "b")
     for n in sd:
@@ -175,7 +197,9 @@ def test_broken_foreign_and_malicious_checkpoints_are_refused_in_one_line(tmp_pa
     # Named explicitly, a broken checkpoint is an error, not a fallback.
     shutil.copytree(good, tmp_path / "broken")
     (tmp_path / "broken" / "worker-000.pt").write_bytes(b"\0" * 10)
-    assert "truncated" in _error_line(_train(tmp_path / "b", "trainer.max_steps=4", f"checkpoint.resume={tmp_path / 'broken'}"))
+    assert "truncated" in _error_line(
+        _train(tmp_path / "b", "trainer.max_steps=4", f"checkpoint.resume={tmp_path / 'broken'}")
+    )
     assert "not a hybridpar checkpoint" in _error_line(_train(tmp_path / "c", f"checkpoint.resume={tmp_path}"))
     # Another model (other head width): refused before any weight is touched.
     other = _train(tmp_path / "c", "trainer.max_steps=1", "model.hidden=64", f"checkpoint.resume={good}")
@@ -189,8 +213,10 @@ def test_broken_foreign_and_malicious_checkpoints_are_refused_in_one_line(tmp_pa
     marker = tmp_path / "pwned"
     torch.save({"tensors": {}, "rng": {}, "lr": [], "x": _Evil(str(marker))}, evil / "worker-000.pt")
     meta = json.loads((evil / "meta.json").read_text())
-    meta["files"]["worker-000.pt"] = {"bytes": (evil / "worker-000.pt").stat().st_size,
-                                      "sha256": checkpoint._sha256(evil / "worker-000.pt")}  # fmt: skip
+    meta["files"]["worker-000.pt"] = {
+        "bytes": (evil / "worker-000.pt").stat().st_size,
+        "sha256": checkpoint._sha256(evil / "worker-000.pt"),
+    }
     (evil / "meta.json").write_text(json.dumps(meta))
     line = _error_line(_train(tmp_path / "e", "trainer.max_steps=1", f"checkpoint.resume={evil}"))
     assert "cannot be read as a checkpoint file" in line
@@ -233,8 +259,16 @@ def test_nan_loss_stops_naming_the_step_or_is_skipped(tmp_path):
 def test_nan_loss_in_chunk_mode_leaves_the_head_of_the_last_good_step(tmp_path):
     """fc_batch=chunk updates the head inside the step: a NaN step must still leave every weight
     (head shards included) as the previous step left them (the momentum: test_schemes)."""
-    run = _train(tmp_path / "c", "trainer.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=null",
-                 "trainer.skip_nonfinite=true", "parallel.scheme=b", "parallel.fc_batch=chunk", fault="nan@3")  # fmt: skip
+    run = _train(
+        tmp_path / "c",
+        "trainer.max_steps=3",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=null",
+        "trainer.skip_nonfinite=true",
+        "parallel.scheme=b",
+        "parallel.fc_batch=chunk",
+        fault="nan@3",
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     step2 = checkpoint.full_state_dict(tmp_path / "c" / "checkpoints" / "step-00000002")
     step3 = checkpoint.full_state_dict(tmp_path / "c" / "checkpoints" / "step-00000003")
@@ -250,8 +284,12 @@ TORCH_EXACT = ["trainer.max_steps=8", "checkpoint.every_steps=3", "trainer.deter
 def test_sigkilled_worker_restarts_under_torchrun_and_ends_identical(tmp_path):
     ref = _run([*TORCHRUN, "-m", "hybridpar.train", *TORCH_EXACT, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path, 280)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    run = _run([*TORCHRUN, "--max-restarts=2", "-m", "hybridpar.train", *TORCH_EXACT, f"hydra.run.dir={tmp_path / 'run'}"],
-               tmp_path, 280, HYBRIDPAR_FAULT="kill@5:1")  # fmt: skip
+    run = _run(
+        [*TORCHRUN, "--max-restarts=2", "-m", "hybridpar.train", *TORCH_EXACT, f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        280,
+        HYBRIDPAR_FAULT="kill@5:1",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "SIGKILL" in run.stderr or "Signal 9" in run.stderr or "-9" in run.stderr, run.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -268,8 +306,9 @@ def _silent_peer(rank: int, store: str, out: str) -> None:
 
     from hybridpar.comm import DistCommunicator
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=3))  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3)
+    )
     comm = DistCommunicator()
     if rank == 1:
         time.sleep(12)  # alive, connected, but never joins the collective
@@ -288,8 +327,13 @@ def _silent_peer(rank: int, store: str, out: str) -> None:
 def test_a_silent_peer_is_an_error_naming_the_collective(tmp_path):
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_silent_peer, args=(str(tmp_path / "store"), str(tmp_path / "out.json")), nprocs=2,
-                             join=False, start_method="spawn")  # fmt: skip
+    ctx = mp.start_processes(
+        _silent_peer,
+        args=(str(tmp_path / "store"), str(tmp_path / "out.json")),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     ctx.join(timeout=60)
     for p in ctx.processes:
         if p.is_alive():

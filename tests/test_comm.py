@@ -34,7 +34,7 @@ def _primitives(comm):
 def _expected(k, r):
     sizes = [3 + i for i in range(k)]
     lo = sum(sizes[:r])
-    total = lambda shape: sum(_data(i, shape) for i in range(k))  # noqa: E731
+    total = lambda shape: sum(_data(i, shape) for i in range(k))
     return {
         "ag0": torch.cat([_data(i, (sizes[i], 4)) for i in range(k)], 0),
         "ag1": torch.cat([_data(i, (4, sizes[i])) for i in range(k)], 1),
@@ -57,7 +57,9 @@ def _check(outs):
                 for a, b in zip(got[name], exp[name]):
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
             else:
-                torch.testing.assert_close(got[name], exp[name], rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+                torch.testing.assert_close(
+                    got[name], exp[name], rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+                )
 
 
 @pytest.mark.parametrize("K", [1, 2, 3])
@@ -90,19 +92,23 @@ def _wire_bytes(comm):
 
     n, K = 2 << 20, comm.world_size
     x, out = torch.ones(n), {}
-    for name, op in (("reduce_scatter", lambda: comm.reduce_scatter(x, 0, [n // K] * K, name)),
-                     ("all_gather", lambda: comm.all_gather(x[: n // K], 0, [n // K] * K, name)),
-                     ("all_reduce", lambda: comm.all_reduce(x.clone(), name))):  # fmt: skip
+    for name, op in (
+        ("reduce_scatter", lambda tag: comm.reduce_scatter(x, 0, [n // K] * K, tag)),
+        ("all_gather", lambda tag: comm.all_gather(x[: n // K], 0, [n // K] * K, tag)),
+        ("all_reduce", lambda tag: comm.all_reduce(x.clone(), tag)),
+    ):
         comm.ledger.reset()
         dist.barrier()
         before = lo()
-        op()
+        op(name)
         dist.barrier()
         out[name] = (lo() - before, comm.ledger.sent)
     return out
 
 
-@pytest.mark.skipif(not os.path.exists("/sys/class/net/lo/statistics/tx_bytes"), reason="needs Linux interface counters")
+@pytest.mark.skipif(
+    not os.path.exists("/sys/class/net/lo/statistics/tx_bytes"), reason="needs Linux interface counters"
+)
 def test_gloo_puts_on_the_wire_what_the_ledger_counts(monkeypatch):
     """The ledger is only worth its name if the link carries what it records (gloo's own
     reduce-scatter sends a full all-reduce's bytes: 2× — hence the all-to-all route)."""

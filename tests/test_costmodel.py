@@ -17,7 +17,14 @@ from hybridpar.parallel.data_parallel import trunk_bucket_numels
 from hybridpar.parallel.head import Move, choose_styles
 from hybridpar.verify import Case
 
-KINDS = ("gather_batch", "scatter_batch", "gather_features", "reduce_scatter_features", "batch_to_features", "features_to_batch")
+KINDS = (
+    "gather_batch",
+    "scatter_batch",
+    "gather_features",
+    "reduce_scatter_features",
+    "batch_to_features",
+    "features_to_batch",
+)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -53,11 +60,15 @@ def test_per_direction_formula_matches_the_ledger(K, plan, scheme):
 
 
 def _toy_profile(**kw) -> cm.Profile:
-    base = dict(
-        device="toy", dtype="float32", batch=1,
-        trunk=(cm.Stage("c1", 1e-3, 2e-3, (1000, 10)), cm.Stage("c2", 2e-3, 4e-3, (3000, 30))),
-        head=((100, 50), (50, 10)), fc_rates=((1, 1e9, 1e9),), opt_s_per_param=1e-8,
-    )  # fmt: skip
+    base = {
+        "device": "toy",
+        "dtype": "float32",
+        "batch": 1,
+        "trunk": (cm.Stage("c1", 1e-3, 2e-3, (1000, 10)), cm.Stage("c2", 2e-3, 4e-3, (3000, 30))),
+        "head": ((100, 50), (50, 10)),
+        "fc_rates": ((1, 1e9, 1e9),),
+        "opt_s_per_param": 1e-8,
+    }
     return cm.Profile(**(base | kw))
 
 
@@ -101,8 +112,9 @@ def test_timeline_invariants_and_bytes(scheme, K):
         if scheme == "a":
             assert serial.step_s == pytest.approx(serial.compute_s + serial.comm_s)  # nothing overlaps
         widths = list(prof.head)
-        expected = hybrid_step_bytes(widths, choose_styles(widths, K), trunk_bucket_numels(prof.trunk_params),
-                                     b, K, 0, scheme=scheme)  # fmt: skip
+        expected = hybrid_step_bytes(
+            widths, choose_styles(widths, K), trunk_bucket_numels(prof.trunk_params), b, K, 0, scheme=scheme
+        )
         assert over.bytes_sent == expected
     # No link cost: the hybrid step is its compute.
     free = cm.step_time(prof, cm.Link(0.0, float("inf")), scheme, K, b)
@@ -111,8 +123,12 @@ def test_timeline_invariants_and_bytes(scheme, K):
 
 def test_overlap_hides_the_trunk_allreduce_behind_backward():
     """Two trunk buckets: the later layer's gradients travel while the first layer's backward runs."""
-    prof = _toy_profile(trunk=(cm.Stage("c1", 0.0, 1.0, (1 << 20,)), cm.Stage("c2", 0.0, 1.0, (1 << 20,))),
-                        head=((8, 4),), fc_rates=((1, 1e30, 1e30),), opt_s_per_param=0.0)  # fmt: skip
+    prof = _toy_profile(
+        trunk=(cm.Stage("c1", 0.0, 1.0, (1 << 20,)), cm.Stage("c2", 0.0, 1.0, (1 << 20,))),
+        head=((8, 4),),
+        fc_rates=((1, 1e30, 1e30),),
+        opt_s_per_param=0.0,
+    )
     link = cm.Link(0.0, 4 * (1 << 20))  # one bucket (2^20 fp32 elements, K = 2) per second
     t = cm.step_time(prof, link, "a", 2, 1)
     # c2 backward [0, 1] → its bucket [1, 2] while c1 backward [1, 2] → c1's bucket [2, 3].
@@ -161,17 +177,42 @@ def test_parse_rate():
 def test_cli_predict_and_bad_input(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(_toy_profile().to_json())
-    out = subprocess.run([sys.executable, "-m", "hybridpar.costmodel", "predict", "--profile", str(path),
-                          "--rate", "1gbit", "--workers", "3", "--batch", "6"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hybridpar.costmodel",
+            "predict",
+            "--profile",
+            str(path),
+            "--rate",
+            "1gbit",
+            "--workers",
+            "3",
+            "--batch",
+            "6",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| scheme")]
     assert [r.split("|")[1].strip() for r in rows] == ["ddp", "a", "b", "c"]
     expected = cm.step_time(_toy_profile(), cm.Link(50e-6, 125e6), "a", 3, 6).step_s
     assert float(rows[1].split("|")[2]) == pytest.approx(expected, abs=1e-3)
-    bad = subprocess.run([sys.executable, "-m", "hybridpar.costmodel", "project", "--profile", str(path), "--rate", "fast"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "hybridpar.costmodel", "project", "--profile", str(path), "--rate", "fast"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["hybridpar.costmodel: error: cannot read the rate 'fast': use e.g. 100mbit, 1gbit, 10gbit or 6GB"]
+    assert bad.stderr.strip().splitlines() == [
+        "hybridpar.costmodel: error: cannot read the rate 'fast': use e.g. 100mbit, 1gbit, 10gbit or 6GB"
+    ]
     assert json.loads(path.read_text())["device"] == "toy"
 
 
@@ -185,7 +226,9 @@ def test_two_d_layout_bytes_and_limits(K, G):
     link = cm.Link(1e-5, 1e7)
     t = cm.step_time(prof, link, "a", K, 6, fc_group_size=G)
     widths = list(prof.head)
-    assert t.bytes_sent == two_d_step_bytes(widths, choose_styles(widths, G), trunk_bucket_numels(prof.trunk_params), 6, K, G)
+    assert t.bytes_sent == two_d_step_bytes(
+        widths, choose_styles(widths, G), trunk_bucket_numels(prof.trunk_params), 6, K, G
+    )
     if G == K:
         assert t == cm.step_time(prof, link, "a", K, 6)
     if G == 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,7 @@ def epoch_steps(dataset: Dataset, world_size: int, local_batch: int, seed: int, 
         per_rank.append([y.tolist() for _, y in loader])
     lengths = {len(steps) for steps in per_rank}
     assert len(lengths) == 1, f"ranks disagree on the number of steps: {lengths}"
-    return [sorted(sum((steps[j] for steps in per_rank), [])) for j in range(lengths.pop())]
+    return [sorted(itertools.chain.from_iterable(steps[j] for steps in per_rank)) for j in range(lengths.pop())]
 
 
 # ---------------------------------------------------------------------------------------------- embedded
@@ -147,7 +149,7 @@ def test_global_step_holds_the_same_examples_for_every_world_size(n):
     for world_size in (2, 3, 4):
         steps = epoch_steps(data, world_size, global_batch // world_size, seed=7, epoch=2)
         assert steps == reference, world_size
-    seen = sum(reference, [])
+    seen = list(itertools.chain.from_iterable(reference))
     assert len(seen) == len(set(seen)) == (n // global_batch) * global_batch
     if n % global_batch == 0:
         assert sorted(seen) == list(range(n))
@@ -159,7 +161,8 @@ def test_epochs_reshuffle_and_seed_fixes_the_order():
     assert e0 == epoch_steps(data, 2, 5, seed=1, epoch=0)
     assert e0 != epoch_steps(data, 2, 5, seed=1, epoch=1)
     assert e0 != epoch_steps(data, 2, 5, seed=2, epoch=0)
-    assert sorted(sum(e0, [])) == sorted(sum(epoch_steps(data, 2, 5, seed=1, epoch=1), [])) == list(range(40))
+    flat = itertools.chain.from_iterable
+    assert sorted(flat(e0)) == sorted(flat(epoch_steps(data, 2, 5, seed=1, epoch=1))) == list(range(40))
 
 
 def test_train_loader_batch_shapes_and_bad_values():

@@ -14,9 +14,23 @@ from tests.helpers import run_cmd
 
 
 def _train(run_dir, *overrides, K=2):
-    proc = run_cmd([sys.executable, "-m", "hybridpar.train", f"parallel.emulate={K}", "trainer.max_steps=3", "model.dropout=0.0",
-                    "logger=none", "trainer.progress=false", f"hydra.run.dir={run_dir}", *overrides],
-                   cwd=run_dir.parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=280)  # fmt: skip
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "hybridpar.train",
+            f"parallel.emulate={K}",
+            "trainer.max_steps=3",
+            "model.dropout=0.0",
+            "logger=none",
+            "trainer.progress=false",
+            f"hydra.run.dir={run_dir}",
+            *overrides,
+        ],
+        cwd=run_dir.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return checkpoint.full_state_dict(checkpoint.latest(run_dir / "checkpoints")[0])
 
@@ -28,7 +42,10 @@ def test_channels_last_trains_the_same_weights(tmp_path):
     for n in plain:
         torch.testing.assert_close(fast[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)
     assert _train(tmp_path / "bf16", "trainer.channels_last=true", "trainer.precision=bf16")  # runs, finite
-    assert all(torch.isfinite(t).all() for t in checkpoint.full_state_dict(checkpoint.latest(tmp_path / "bf16" / "checkpoints")[0]).values())
+    assert all(
+        torch.isfinite(t).all()
+        for t in checkpoint.full_state_dict(checkpoint.latest(tmp_path / "bf16" / "checkpoints")[0]).values()
+    )
 
 
 @pytest.mark.timeout(400)
@@ -54,6 +71,8 @@ def test_the_fast_path_is_applied_to_the_trunk():
     assert model.features._compiled_call_impl is not None and model.classifier._compiled_call_impl is None
     assert _inputs(torch.randn(2, 3, 8, 8), torch.device("cpu"), cfg).is_contiguous(memory_format=torch.channels_last)
     plain = alexnet_small(10, 0.0, in_channels=3, channels=(8, 16, 24, 16, 16), hidden=32)
-    _fast_path(OmegaConf.create({"trainer": {"deterministic": False}}), plain, ["features", "avgpool"], torch.device("cpu"))
+    _fast_path(
+        OmegaConf.create({"trainer": {"deterministic": False}}), plain, ["features", "avgpool"], torch.device("cpu")
+    )
     assert not plain.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.features._compiled_call_impl is None

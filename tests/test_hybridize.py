@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import torchvision
 from torch import nn
 
@@ -34,7 +33,7 @@ MODELS = {
 
 def _check(name: str, K: int, scheme: str, workers=None):
     case = Case(K, local_batch=3, scheme=scheme)
-    model = lambda: build_seeded(MODELS[name], 0)  # noqa: E731
+    model = lambda: build_seeded(MODELS[name], 0)
     if workers is None:
         workers = run_emulated(K, hybrid_worker, case, model())
     errors = compare(workers, reference(case, model()), rtol=1e-5, atol=1e-6)
@@ -81,7 +80,10 @@ def test_models_split_where_their_graph_says():
     assert split(torchvision.models.mobilenet_v2()) == (["features"], ["classifier.0", "classifier.1"])
     assert split(torchvision.models.shufflenet_v2_x0_5())[1] == ["fc"]
     # ConvNeXt's per-example LayerNorm2d and Flatten inside its classifier belong to the trunk.
-    assert split(torchvision.models.convnext_tiny()) == (["features", "avgpool", "classifier.0", "classifier.1"], ["classifier.2"])
+    assert split(torchvision.models.convnext_tiny()) == (
+        ["features", "avgpool", "classifier.0", "classifier.1"],
+        ["classifier.2"],
+    )
     assert split(TinyNet()) == (["body", "pool"], [f"head.{i}" for i in range(5)])
     assert split(FunctionalHead()) == (["conv"], ["fc1", "relu_1", "fc2"])  # relu_1: the F.relu call's node
 
@@ -90,7 +92,11 @@ def test_models_split_where_their_graph_says():
     "model, head, pattern",
     [
         (torchvision.models.squeezenet1_0(), None, r"does not end in Linear layers .* train it data-parallel"),
-        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2), nn.Conv2d(1, 1, 1)), None, r"does not end in Linear layers"),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2), nn.Conv2d(1, 1, 1)),
+            None,
+            r"does not end in Linear layers",
+        ),
         (BatchMixer(), None, r"reduces over the batch dimension"),
         (TiedHead(), None, r"calls \['embed'\] more than once, so layers of the head share weights"),
         (torchvision.models.googlenet(aux_logits=True, init_weights=False), None, r"aux_logits=False"),
@@ -111,26 +117,74 @@ def test_splits_the_hybrid_cannot_run_are_refused_before_any_collective(model, h
 
 def _train(*overrides, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "hybridpar.train", "parallel.emulate=2", "trainer.max_steps=3",
-                           "logger=none", "trainer.progress=false", *overrides],
-                          capture_output=True, text=True, timeout=240, cwd=cwd, env=env)  # fmt: skip
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hybridpar.train",
+            "parallel.emulate=2",
+            "trainer.max_steps=3",
+            "logger=none",
+            "trainer.progress=false",
+            *overrides,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=cwd,
+        env=env,
+    )
 
 
 @pytest.mark.timeout(300)
 def test_vgg_and_custom_models_train_from_the_command_line(tmp_path):
-    vgg_run = _train("model=vgg11", "model.width=16", "model.hidden=64", "model.pool_size=1", f"hydra.run.dir={tmp_path / 'v'}", cwd=tmp_path)
+    vgg_run = _train(
+        "model=vgg11",
+        "model.width=16",
+        "model.hidden=64",
+        "model.pool_size=1",
+        f"hydra.run.dir={tmp_path / 'v'}",
+        cwd=tmp_path,
+    )
     assert vgg_run.returncode == 0, vgg_run.stderr[-2000:]
-    user = _train("model=custom", "model.target=tests.user_models:TinyNet", "+model.kwargs.width=4", f"hydra.run.dir={tmp_path / 'u'}", cwd=tmp_path)
+    user = _train(
+        "model=custom",
+        "model.target=tests.user_models:TinyNet",
+        "+model.kwargs.width=4",
+        f"hydra.run.dir={tmp_path / 'u'}",
+        cwd=tmp_path,
+    )
     assert user.returncode == 0, user.stderr[-2000:]
     assert "features" not in (tmp_path / "u" / "summary.json").read_text()  # sanity: the run wrote its summary
-    bad = _train("model=custom", "model.target=tests.user_models:NoSuchNet", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("hybridpar: error: model.target=tests.user_models:NoSuchNet: cannot import it")
-    tv = _train("model=torchvision", "model.arch=resnet18", "data=fake", "data.image_size=32", "data.size=48",
-                "data.val_size=16", "data.num_classes=10", "data.batch_size=8", "data.num_workers=0",
-                f"hydra.run.dir={tmp_path / 't'}", cwd=tmp_path)  # fmt: skip
+    bad = _train(
+        "model=custom", "model.target=tests.user_models:NoSuchNet", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(
+        "hybridpar: error: model.target=tests.user_models:NoSuchNet: cannot import it"
+    )
+    tv = _train(
+        "model=torchvision",
+        "model.arch=resnet18",
+        "data=fake",
+        "data.image_size=32",
+        "data.size=48",
+        "data.val_size=16",
+        "data.num_classes=10",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f"hydra.run.dir={tmp_path / 't'}",
+        cwd=tmp_path,
+    )
     assert tv.returncode == 0, tv.stderr[-2000:]
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["steps"] == 3
-    bad_arch = _train("model=torchvision", "model.arch=resnet7", "data=fake", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
-    assert bad_arch.returncode == 2 and "model.arch='resnet7' is not a torchvision classification model" in bad_arch.stderr
-    mixer = _train("model=custom", "model.target=tests.user_models:BatchMixer", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    bad_arch = _train(
+        "model=torchvision", "model.arch=resnet7", "data=fake", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
+    )
+    assert (
+        bad_arch.returncode == 2 and "model.arch='resnet7' is not a torchvision classification model" in bad_arch.stderr
+    )
+    mixer = _train(
+        "model=custom", "model.target=tests.user_models:BatchMixer", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path
+    )
     assert mixer.returncode == 2 and "reduces over the batch dimension" in mixer.stderr, mixer.stderr[-2000:]

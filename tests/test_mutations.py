@@ -40,9 +40,7 @@ def test_dropped_shard_is_caught(monkeypatch, plan):
     _fails(Case(3, plan=plan))
 
 
-@pytest.mark.parametrize(
-    "plan, function", [("paper", regions._GatherBatch), ("min_bytes", regions._BatchToFeatures)]
-)
+@pytest.mark.parametrize("plan, function", [("paper", regions._GatherBatch), ("min_bytes", regions._BatchToFeatures)])
 def test_feature_gradient_to_wrong_worker_is_caught(monkeypatch, plan, function):
     original = function.backward
 

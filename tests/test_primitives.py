@@ -82,7 +82,14 @@ def _worker(comm, kind: str):
     return out.detach(), x.grad
 
 
-KINDS = ["gather_batch", "scatter_batch", "gather_features", "reduce_scatter_features", "batch_to_features", "features_to_batch"]
+KINDS = [
+    "gather_batch",
+    "scatter_batch",
+    "gather_features",
+    "reduce_scatter_features",
+    "batch_to_features",
+    "features_to_batch",
+]
 
 
 def _check(kind: str, K: int, got: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -90,7 +97,9 @@ def _check(kind: str, K: int, got: list[tuple[torch.Tensor, torch.Tensor]]) -> N
     outs = _reference(kind, xs, K)
     sum((o * _upstream(o.shape, r)).sum() for r, o in enumerate(outs)).backward()
     for r, (out, grad) in enumerate(got):
-        torch.testing.assert_close(out, outs[r].detach(), **TOL, msg=lambda m, r=r: f"{kind} K={K} worker {r} forward: {m}")
+        torch.testing.assert_close(
+            out, outs[r].detach(), **TOL, msg=lambda m, r=r: f"{kind} K={K} worker {r} forward: {m}"
+        )
         torch.testing.assert_close(grad, xs[r].grad, **TOL, msg=lambda m, r=r: f"{kind} K={K} worker {r} backward: {m}")
 
 

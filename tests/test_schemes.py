@@ -76,8 +76,10 @@ def test_chunk_fc_batch_matches_its_definition(K, scheme):
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     # ... and differs from fc_batch=full, so the test can tell them apart.
-    full = assemble([w["weights"] for w in run_emulated(K, hybrid_worker, Case(K, scheme=scheme, local_batch=4))],
-                    workers[0]["specs"])  # fmt: skip
+    full = assemble(
+        [w["weights"] for w in run_emulated(K, hybrid_worker, Case(K, scheme=scheme, local_batch=4))],
+        workers[0]["specs"],
+    )
     assert not torch.allclose(full["classifier.1.weight"], got["classifier.1.weight"], rtol=1e-5, atol=1e-6)
 
 

@@ -74,8 +74,13 @@ def test_bad_group_sizes_are_refused_before_any_collective():
 
     def chunk(comm):
         m = HybridModel(Case(4).model(), comm, fc_group_size=2)
-        m.train_step(torch.randn(2, 3, 32, 32), torch.arange(2), scheme="c", fc_batch="chunk",
-                     optimizer=torch.optim.SGD(m.parameters(), lr=0.1))  # fmt: skip
+        m.train_step(
+            torch.randn(2, 3, 32, 32),
+            torch.arange(2),
+            scheme="c",
+            fc_batch="chunk",
+            optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+        )
 
     with pytest.raises(ShardingError, match="fc_batch=chunk"):
         run_emulated(4, chunk)
@@ -88,8 +93,18 @@ def _save_2d(comm, root):
     x, y = case.batches()[0]
     m.train_step(x[comm.rank * 2 : comm.rank * 2 + 2], y[comm.rank * 2 : comm.rank * 2 + 2], optimizer=opt)
     opt.step()
-    checkpoint.save(comm, root, model=m, plain=m, optimizer=opt, position=checkpoint.Position(1, 0, 1),
-                    schedule_state={}, scheme="a", config_yaml="", keep_last=None)  # fmt: skip
+    checkpoint.save(
+        comm,
+        root,
+        model=m,
+        plain=m,
+        optimizer=opt,
+        position=checkpoint.Position(1, 0, 1),
+        schedule_state={},
+        scheme="a",
+        config_yaml="",
+        keep_last=None,
+    )
     return m.full_state_dict()
 
 
@@ -123,9 +138,21 @@ def test_the_training_app_runs_the_two_d_layout(tmp_path, setting):
     from hybridpar.plan import fewest_bytes_group
     from tests.helpers import run_cmd
 
-    proc = run_cmd([sys.executable, "-m", "hybridpar.train", "parallel.emulate=4", f"parallel.fc_group_size={setting}",
-                    "trainer.max_steps=3", "logger=none", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'r'}"],
-                   cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "hybridpar.train",
+            "parallel.emulate=4",
+            f"parallel.fc_group_size={setting}",
+            "trainer.max_steps=3",
+            "logger=none",
+            "trainer.progress=false",
+            f"hydra.run.dir={tmp_path / 'r'}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     model = alexnet_small(10, in_channels=1, channels=(32, 64, 96, 64, 64), hidden=512)
@@ -150,7 +177,7 @@ def _gloo_all(comm):
 @pytest.mark.parametrize("K", [2, 4])
 def test_vgg_and_a_user_model_over_gloo_for_every_group_size(K):
     runs = results(run_gloo(K, _gloo_all))
-    for (name, G) in runs[0]:
+    for name, G in runs[0]:
         workers = [r[(name, G)] for r in runs]
         errors = compare(workers, reference(Case(K, local_batch=3, fc_group_size=G), _model(name)))
         assert max(errors.values()) < 1e-5, (name, G, errors)

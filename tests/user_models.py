@@ -12,11 +12,17 @@ class TinyNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 8):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),
+        )
         self.pool = nn.AdaptiveAvgPool2d(2)
-        self.head = nn.Sequential(nn.Linear(8 * width, 40), nn.Tanh(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(8 * width, 40), nn.Tanh(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.body(x))

@@ -84,7 +84,10 @@ class Run:
         g = torch.Generator().manual_seed(self.seed + 1)
         n = self.workers * self.local_batch
         out = [
-            (torch.randn(n, 3, self.size, self.size, generator=g).to(self.dtype), torch.randint(0, NUM_CLASSES, (n,), generator=g))
+            (
+                torch.randn(n, 3, self.size, self.size, generator=g).to(self.dtype),
+                torch.randint(0, NUM_CLASSES, (n,), generator=g),
+            )
             for _ in range(self.steps)
         ]
         return [(x.flip(0), y.flip(0)) for x, y in out] if self.reverse else out
@@ -127,8 +130,9 @@ def _worker(comm, run: Run, model: nn.Module, options: dict) -> dict:
     out = _snapshot(hybrid, grads) | {"logits": logits0, "specs": hybrid.shard_specs()}
     # Replicated tensors (trunk, BatchNorm statistics): worker 0's are compared; the others send a
     # digest of theirs, so K copies of a large trunk are not held at once.
-    out["digests"] = {f"{key}[{n}]": _digest(t) for key in ("params", "buffers") for n, t in out[key].items()
-                      if n not in out["specs"]}  # fmt: skip
+    out["digests"] = {
+        f"{key}[{n}]": _digest(t) for key in ("params", "buffers") for n, t in out[key].items() if n not in out["specs"]
+    }
     if comm.rank > 0:
         for part in (out["params"], out["buffers"], *out["grads"]):
             for n in [n for n in part if n not in out["specs"]]:
@@ -149,7 +153,9 @@ def hybrid(run: Run, model: nn.Module, launch=run_emulated, **options) -> dict:
     out["grads"] = [assemble([w["grads"][s] for w in workers], specs) for s in range(run.steps)]
     out["logits"] = torch.cat([w["logits"] for w in workers])
     # The trunk and the BatchNorm statistics are replicas: every worker must hold the same bits.
-    out["replicas_differ"] = sorted(n for n, d in workers[0]["digests"].items() if any(w["digests"][n] != d for w in workers[1:]))
+    out["replicas_differ"] = sorted(
+        n for n, d in workers[0]["digests"].items() if any(w["digests"][n] != d for w in workers[1:])
+    )
     return out
 
 
@@ -180,5 +186,10 @@ def assert_equal(run: Run, got: dict, want: dict, *, rtol: float, atol: float = 
     """Every tensor within rtol and ``atol + atol_scaled · (scale of its kind)``; replicas bit-identical."""
     assert got["replicas_differ"] == [], f"replicated tensors differ between workers: {got['replicas_differ'][:5]}"
     for name, a, b, scale in compare(got, want):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol + atol_scaled * scale,
-                                   msg=lambda m, n=name: f"{run.name} K={run.workers} {n}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            a,
+            b,
+            rtol=rtol,
+            atol=atol + atol_scaled * scale,
+            msg=lambda m, n=name: f"{run.name} K={run.workers} {n}: {m}",
+        )

@@ -12,8 +12,8 @@ __all__ = [
     "DistCommunicator",
     "EmulatedCommunicator",
     "EmulatedWorld",
-    "Handle",
     "Entry",
+    "Handle",
     "even_split",
     "run_emulated",
 ]

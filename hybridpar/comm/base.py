@@ -69,12 +69,16 @@ class Communicator(ABC):
         )
         return self._timed(self._reduce_scatter, x, dim, sizes)
 
-    def all_to_all(self, chunks: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], tag: str = "") -> list[torch.Tensor]:
+    def all_to_all(
+        self, chunks: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], tag: str = ""
+    ) -> list[torch.Tensor]:
         """Send ``chunks[j]`` to worker ``j``; return what each worker sent here, in rank order."""
         chunks, recv_shapes = self._count_all_to_all(chunks, recv_shapes, tag)
         return self._timed(self._all_to_all, chunks, recv_shapes)
 
-    def all_to_all_async(self, chunks: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], tag: str = "") -> Handle:
+    def all_to_all_async(
+        self, chunks: Sequence[torch.Tensor], recv_shapes: Sequence[torch.Size], tag: str = ""
+    ) -> Handle:
         """:meth:`all_to_all` that returns at once; ``handle.wait()`` gives the received chunks.
 
         Every worker must issue its async operations in the same order. The emulated backend

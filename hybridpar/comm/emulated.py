@@ -68,9 +68,7 @@ class EmulatedWorld:
         try:
             self._barrier.wait()
         except threading.BrokenBarrierError:
-            raise PeerAbortedError(
-                f"an emulated peer failed or did not arrive within {self.timeout_s:.0f} s"
-            ) from None
+            raise PeerAbortedError(f"an emulated peer failed or did not arrive within {self.timeout_s:.0f} s") from None
 
 
 class EmulatedCommunicator(Communicator):
@@ -125,7 +123,9 @@ def _sum(ts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def run_emulated(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 300.0, **kwargs: Any) -> list[Any]:
+def run_emulated(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 300.0, **kwargs: Any
+) -> list[Any]:
     """Run ``fn(comm, *args, **kwargs)`` once per emulated worker; return the results in rank order.
 
     If any worker raises, the others are released and the first real error is re-raised here.

@@ -126,12 +126,16 @@ def scatter_batch(x: torch.Tensor, comm: Communicator, batch_sizes: Sequence[int
     return x if comm.world_size == 1 else _ScatterBatch.apply(x, comm, list(batch_sizes), tag)
 
 
-def gather_features(x: torch.Tensor, comm: Communicator, feature_sizes: Sequence[int], tag: str = "features") -> torch.Tensor:
+def gather_features(
+    x: torch.Tensor, comm: Communicator, feature_sizes: Sequence[int], tag: str = "features"
+) -> torch.Tensor:
     """Own feature slice -> all features (all-gather along dim 1; backward reduce-scatter)."""
     return x if comm.world_size == 1 else _GatherFeatures.apply(x, comm, list(feature_sizes), tag)
 
 
-def reduce_scatter_features(x: torch.Tensor, comm: Communicator, feature_sizes: Sequence[int], tag: str = "features") -> torch.Tensor:
+def reduce_scatter_features(
+    x: torch.Tensor, comm: Communicator, feature_sizes: Sequence[int], tag: str = "features"
+) -> torch.Tensor:
     """Partial sums of all features -> own feature slice of the full sum (backward all-gather)."""
     return x if comm.world_size == 1 else _ReduceScatterFeatures.apply(x, comm, list(feature_sizes), tag)
 

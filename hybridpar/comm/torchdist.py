@@ -74,9 +74,13 @@ class DistCommunicator(Communicator):
         recv_counts = [s.numel() for s in recv_shapes]
         out = send.new_empty(sum(recv_counts))
         work = dist.all_to_all_single(
-            out, send, output_split_sizes=recv_counts, input_split_sizes=[c.numel() for c in chunks],
-            group=self.group, async_op=True,
-        )  # fmt: skip
+            out,
+            send,
+            output_split_sizes=recv_counts,
+            input_split_sizes=[c.numel() for c in chunks],
+            group=self.group,
+            async_op=True,
+        )
 
         def finish():
             work.wait()

@@ -35,7 +35,7 @@ def build_fake(cfg: Mapping[str, Any]) -> DataBundle:
     val_size = check_int(cfg_get(cfg, "val_size", 256), "data.val_size")
     num_classes = check_int(cfg_get(cfg, "num_classes", 1000), "data.num_classes")
     s = check_int(cfg_get(cfg, "image_size", 224), "data.image_size")
-    common = dict(image_size=(3, s, s), num_classes=num_classes, transform=transforms.ToTensor())
+    common = {"image_size": (3, s, s), "num_classes": num_classes, "transform": transforms.ToTensor()}
     train = _FakeData(size=size, random_offset=0, **common)
     val = _FakeData(size=val_size, random_offset=size, **common)  # seeds size.. continue where train's end
     return DataBundle(train=train, val=val, num_classes=num_classes, in_channels=3, image_size=s)

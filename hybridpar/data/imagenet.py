@@ -141,7 +141,7 @@ class ImageFiles(datasets.ImageFolder):
             # the file system, PIL and this one file are involved here, so any exception means the file is unusable.
             try:
                 img = decode(path)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - see above: any exception means the file is unusable
                 unreadable.append((path, f"{type(exc).__name__}: {exc}"))
                 continue
             # Keyed by the requested index: a stand-in's augmentation is as fixed as the example's would be.

@@ -174,7 +174,9 @@ def train_loader(
             f"(world_size={world_size} x local_batch={local_batch} = {global_batch})"
         )
     keyed = isinstance(dataset, ImageFiles)
-    sampler = _Sampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True, keyed=keyed)
+    sampler = _Sampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True, keyed=keyed
+    )
     # Seeds the worker processes' global generators (any global-RNG transform), reproducibly per (seed, rank).
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     return _TrainLoader(
@@ -229,9 +231,12 @@ class EvalBatches(Iterator[tuple[Tensor, Tensor, Tensor]]):
             # Epoch 0 of seed 0: the evaluation transform draws nothing, the key only names the example.
             keys = [(i, 0) for i in range(rank, n, world_size)]
             loader = DataLoader(
-                _Keyed(dataset, 0), batch_size=local_batch, sampler=keys, num_workers=num_workers,
+                _Keyed(dataset, 0),
+                batch_size=local_batch,
+                sampler=keys,
+                num_workers=num_workers,
                 collate_fn=_collate_loaded,
-            )  # fmt: skip
+            )
             rows = _stripped(loader, dataset, self)
         else:
             mine = Subset(dataset, range(rank, n, world_size))

@@ -32,15 +32,23 @@ def build_model(cfg, num_classes: int, in_channels: int, seed: int):
     if name in VGG_DEPTHS:
         widths = {k: cfg[k] for k in ("width", "hidden", "pool_size") if cfg.get(k) is not None}
         return build_seeded(
-            lambda: vgg(name, num_classes, cfg.get("dropout", 0.5), batch_norm=bool(cfg.get("batch_norm", False)),
-                        in_channels=in_channels, **widths),
+            lambda: vgg(
+                name,
+                num_classes,
+                cfg.get("dropout", 0.5),
+                batch_norm=bool(cfg.get("batch_norm", False)),
+                in_channels=in_channels,
+                **widths,
+            ),
             seed,
-        )  # fmt: skip
+        )
     if name == "custom":
         return build_seeded(lambda: custom(cfg, num_classes, in_channels), seed)
     if name == "torchvision":
         return build_seeded(lambda: from_torchvision(cfg, num_classes, in_channels), seed)
-    raise ConfigError(f"model.name={name!r} is not one of alexnet, alexnet_small, {', '.join(VGG_DEPTHS)}, custom, torchvision")
+    raise ConfigError(
+        f"model.name={name!r} is not one of alexnet, alexnet_small, {', '.join(VGG_DEPTHS)}, custom, torchvision"
+    )
 
 
 def from_torchvision(cfg, num_classes: int, in_channels: int):
@@ -55,8 +63,10 @@ def from_torchvision(cfg, num_classes: int, in_channels: int):
     if arch not in known:
         raise ConfigError(f"model.arch={arch!r} is not a torchvision classification model: {', '.join(known)}")
     if in_channels != 3:
-        raise ConfigError(f"model.arch={arch} takes 3-channel images; this data has {in_channels} channel(s): "
-                          "use data=imagenet or data=fake")  # fmt: skip
+        raise ConfigError(
+            f"model.arch={arch} takes 3-channel images; this data has {in_channels} channel(s): "
+            "use data=imagenet or data=fake"
+        )
     try:
         model = torchvision.models.get_model(arch, num_classes=num_classes, **dict(cfg.get("kwargs") or {}))
     except (TypeError, ValueError) as exc:
@@ -81,7 +91,9 @@ def custom(cfg, num_classes: int, in_channels: int):
 
     target = str(cfg.get("target") or "")
     if not target or target == "???":
-        raise ConfigError("model=custom needs model.target=package.module:factory (a class or a function returning the model)")
+        raise ConfigError(
+            "model=custom needs model.target=package.module:factory (a class or a function returning the model)"
+        )
     path = target.replace(":", ".")
     try:
         factory = get_object(path)

@@ -87,5 +87,11 @@ def alexnet_small(
     """AlexNet for 28–64 px images: a 5×5/1 stem instead of 11×11/4, a 3×3 pooled map
     (256·3·3 = 2304 features at the default widths); same layer kinds and names."""
     return AlexNet(
-        num_classes, dropout, in_channels=in_channels, channels=channels, hidden=hidden, pool_size=pool_size, stem="small"
+        num_classes,
+        dropout,
+        in_channels=in_channels,
+        channels=channels,
+        hidden=hidden,
+        pool_size=pool_size,
+        stem="small",
     )

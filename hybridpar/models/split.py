@@ -35,23 +35,74 @@ from hybridpar.models.seeded import MODEL_LOCK
 
 # Layers that act on each activation independently: they may run on any part of a tensor.
 ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
-    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Dropout,
-)  # fmt: skip
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Identity,
+    nn.Dropout,
+)
 _ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.leaky_relu, F.elu, F.hardtanh, F.tanh, F.sigmoid, torch.tanh, torch.sigmoid,
-}  # fmt: skip
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.hardtanh,
+    F.tanh,
+    F.sigmoid,
+    torch.tanh,
+    torch.sigmoid,
+}
 _ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
 
 # Functions whose ``dim`` argument may reduce over examples; in the trunk, dim 0 would make one
 # worker's features depend on its own examples only, not on the whole batch as on one device.
 _REDUCTIONS = {
-    torch.sum, torch.mean, torch.std, torch.var, torch.amax, torch.amin, torch.max, torch.min, torch.softmax,
-    torch.log_softmax, torch.cumsum, torch.logsumexp, F.softmax, F.log_softmax,
-}  # fmt: skip
-_REDUCTION_METHODS = {"sum", "mean", "std", "var", "amax", "amin", "max", "min", "softmax", "log_softmax",
-                      "cumsum", "logsumexp"}  # fmt: skip
+    torch.sum,
+    torch.mean,
+    torch.std,
+    torch.var,
+    torch.amax,
+    torch.amin,
+    torch.max,
+    torch.min,
+    torch.softmax,
+    torch.log_softmax,
+    torch.cumsum,
+    torch.logsumexp,
+    F.softmax,
+    F.log_softmax,
+}
+_REDUCTION_METHODS = {
+    "sum",
+    "mean",
+    "std",
+    "var",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "softmax",
+    "log_softmax",
+    "cumsum",
+    "logsumexp",
+}
 
 
 class Elementwise(nn.Module):
@@ -154,7 +205,9 @@ _CHECKED: dict[tuple, Split | str] = {}
 
 def _key(model: nn.Module, head: str | None) -> tuple:
     def flags(m: nn.Module) -> tuple:
-        return tuple(sorted((k, v) for k, v in vars(m).items() if k != "training" and isinstance(v, bool | int | float | str)))
+        return tuple(
+            sorted((k, v) for k, v in vars(m).items() if k != "training" and isinstance(v, bool | int | float | str))
+        )
 
     return tuple((n, type(m), flags(m)) for n, m in model.named_modules()), head
 
@@ -163,8 +216,10 @@ def _split(model: nn.Module, head: str | None) -> Split:
     kind = type(model).__name__
     modules = dict(model.named_modules())
     if head is not None and head not in modules:
-        raise ShardingError(f"cannot split {kind} at {head!r}: it has no such module; its top-level modules are "
-                            f"{[n for n, _ in model.named_children()]}")  # fmt: skip
+        raise ShardingError(
+            f"cannot split {kind} at {head!r}: it has no such module; its top-level modules are "
+            f"{[n for n, _ in model.named_children()]}"
+        )
     was_training = model.training
     graphs, found, lifted = {}, {}, {}
     try:
@@ -177,8 +232,10 @@ def _split(model: nn.Module, head: str | None) -> Split:
         model.train(was_training)
     layers = {mode: tuple(_head_layer(n) for n in chain) for mode, chain in found.items()}
     if layers[True] != layers[False]:
-        raise ShardingError(f"cannot split {kind}: its head differs between training and evaluation mode "
-                            f"({layers[True]} vs {layers[False]})")  # fmt: skip
+        raise ShardingError(
+            f"cannot split {kind}: its head differs between training and evaluation mode "
+            f"({layers[True]} vs {layers[False]})"
+        )
     split = Split(kind, layers[True], graphs, lifted)
     _check_trunk(model, split, modules)
     return split
@@ -226,8 +283,10 @@ def _tail(graph: fx.Graph, modules: dict[str, nn.Module], kind: str) -> tuple[li
     node = output.args[0]
     if not isinstance(node, fx.Node) or (node.op == "call_function" and isinstance(node.target, type)):
         what = node.target.__name__ if isinstance(node, fx.Node) else type(node).__name__
-        raise ShardingError(f"cannot split {kind}: its forward returns a {what}, not one tensor of logits "
-                            "(GoogLeNet/Inception with aux_logits=True: build it with aux_logits=False)")  # fmt: skip
+        raise ShardingError(
+            f"cannot split {kind}: its forward returns a {what}, not one tensor of logits "
+            "(GoogLeNet/Inception with aux_logits=True: build it with aux_logits=False)"
+        )
     chain: list[fx.Node] = []
     user = output
     while isinstance(node, fx.Node) and list(node.users) == [user] and len(node.all_input_nodes) == 1:
@@ -242,7 +301,10 @@ def _tail(graph: fx.Graph, modules: dict[str, nn.Module], kind: str) -> tuple[li
         chain.append(node)
         user, node = node, node.all_input_nodes[0]
     chain.reverse()
-    first = next((i for i, n in enumerate(chain) if n.op == "call_module" and isinstance(modules[str(n.target)], nn.Linear)), None)
+    first = next(
+        (i for i, n in enumerate(chain) if n.op == "call_module" and isinstance(modules[str(n.target)], nn.Linear)),
+        None,
+    )
     if first is None:
         last = chain[0] if chain else output.args[0]
         what = last.target if last.op == "call_module" else getattr(last.target, "__name__", last.target)
@@ -257,11 +319,17 @@ def _tail(graph: fx.Graph, modules: dict[str, nn.Module], kind: str) -> tuple[li
 def _start_at(chain: list[fx.Node], head: str | None, modules, kind: str) -> list[fx.Node]:
     if head is None:
         return chain
-    inside = [i for i, n in enumerate(chain) if n.op == "call_module" and (n.target == head or str(n.target).startswith(head + "."))]
+    inside = [
+        i
+        for i, n in enumerate(chain)
+        if n.op == "call_module" and (n.target == head or str(n.target).startswith(head + "."))
+    ]
     names = [str(n.target) if n.op == "call_module" else n.name for n in chain]
     if not inside:
-        raise ShardingError(f"cannot split {kind} at {head!r}: the head can only be a tail of Linear and elementwise "
-                            f"layers, and its forward ends in {names}")  # fmt: skip
+        raise ShardingError(
+            f"cannot split {kind} at {head!r}: the head can only be a tail of Linear and elementwise "
+            f"layers, and its forward ends in {names}"
+        )
     rest = chain[inside[0] :]
     if not any(n.op == "call_module" and isinstance(modules[str(n.target)], nn.Linear) for n in rest):
         raise ShardingError(f"cannot split {kind} at {head!r}: no Linear layer follows it")
@@ -302,20 +370,26 @@ def _check_trunk(model: nn.Module, split: Split, modules: dict[str, nn.Module]) 
     kind = split.kind
     twice = sorted({n for n in split.head_names if split.head_names.count(n) > 1})
     if twice:
-        raise ShardingError(f"cannot split {kind}: its head calls {twice} more than once, so layers of the head share "
-                            f"weights; the head's weights are sharded layer by layer")  # fmt: skip
+        raise ShardingError(
+            f"cannot split {kind}: its head calls {twice} more than once, so layers of the head share "
+            f"weights; the head's weights are sharded layer by layer"
+        )
     head_params = {id(p) for n in split.head_names for p in modules[n].parameters()}
     for graph in split.trunk_graphs.values():
         for node in graph.nodes:
             if node.op == "call_module":
                 shared = [n for n, p in modules[str(node.target)].named_parameters() if id(p) in head_params]
                 if shared or node.target in split.head_names:
-                    raise ShardingError(f"cannot split {kind}: the trunk's {node.target} shares weights with the head "
-                                        f"({shared or 'the module itself'}); the head's weights are sharded")  # fmt: skip
+                    raise ShardingError(
+                        f"cannot split {kind}: the trunk's {node.target} shares weights with the head "
+                        f"({shared or 'the module itself'}); the head's weights are sharded"
+                    )
             elif node.op == "get_attr" and node.target not in split.constants:
                 attr = operator.attrgetter(str(node.target))(model)
                 if id(attr) in head_params:
-                    raise ShardingError(f"cannot split {kind}: its forward reads the head's {node.target} outside the head")
+                    raise ShardingError(
+                        f"cannot split {kind}: its forward reads the head's {node.target} outside the head"
+                    )
             elif _reduces_over_batch(node):
                 what = node.target if isinstance(node.target, str) else node.target.__name__
                 raise ShardingError(

@@ -14,8 +14,17 @@ from torchvision.models.vgg import VGG, cfgs
 CONFIGS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 
 
-def vgg(name: str, num_classes: int = 1000, dropout: float = 0.5, *, batch_norm: bool = False, in_channels: int = 3,
-        width: int = 1, hidden: int = 4096, pool_size: int = 7) -> VGG:  # fmt: skip
+def vgg(
+    name: str,
+    num_classes: int = 1000,
+    dropout: float = 0.5,
+    *,
+    batch_norm: bool = False,
+    in_channels: int = 3,
+    width: int = 1,
+    hidden: int = 4096,
+    pool_size: int = 7,
+) -> VGG:
     if name not in CONFIGS:
         raise ValueError(f"VGG depth must be one of {', '.join(CONFIGS)}, got {name!r}")
     layers: list[nn.Module] = []
@@ -32,9 +41,14 @@ def vgg(name: str, num_classes: int = 1000, dropout: float = 0.5, *, batch_norm:
     if (c, hidden, pool_size) != (512, 4096, 7):
         model.avgpool = nn.AdaptiveAvgPool2d((pool_size, pool_size))
         model.classifier = nn.Sequential(
-            nn.Linear(c * pool_size * pool_size, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(p=dropout), nn.Linear(hidden, num_classes),
-        )  # fmt: skip
+            nn.Linear(c * pool_size * pool_size, hidden),
+            nn.ReLU(True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, num_classes),
+        )
         for m in model.classifier:
             if isinstance(m, nn.Linear):  # VGG's own init for the Linear layers
                 nn.init.normal_(m.weight, 0, 0.01)

@@ -108,8 +108,9 @@ def allreduce_bytes(n_params: int | Sequence[int], K: int, rank: int, itemsize: 
     return itemsize * sum(n + (K - 2) * even_split(n, K)[rank] for n in sizes)
 
 
-def hybrid_step_bytes(widths, styles, trunk_params, b: int, K: int, rank: int, itemsize: int = 4,
-                      scheme: str = "a") -> int:  # fmt: skip
+def hybrid_step_bytes(
+    widths, styles, trunk_params, b: int, K: int, rank: int, itemsize: int = 4, scheme: str = "a"
+) -> int:
     """Bytes worker ``rank`` sends (= receives) in one hybrid step: head moves, the trunk
     gradient all-reduce (``trunk_params``: a count, or the bucket sizes) and the batch-shape agreement."""
     if K == 1:
@@ -136,8 +137,9 @@ def head_shard_params(widths: Sequence[tuple[int, int]], styles: Sequence[str], 
     return total
 
 
-def two_d_step_bytes(widths, styles, trunk_params, b: int, K: int, G: int, rank: int = 0, itemsize: int = 4,
-                     scheme: str = "a") -> int:  # fmt: skip
+def two_d_step_bytes(
+    widths, styles, trunk_params, b: int, K: int, G: int, rank: int = 0, itemsize: int = 4, scheme: str = "a"
+) -> int:
     """Bytes per worker of the 2-D hybrid: the head sharded inside groups of ``G`` workers (its
     activations move only inside the group), each shard's gradient all-reduced over the ``K/G``
     workers holding the same shard, the trunk's over all ``K``. ``G = K`` is the 1-D hybrid

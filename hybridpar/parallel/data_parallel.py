@@ -76,8 +76,15 @@ class TrunkSync:
     waits for each bucket at once (for measuring how much the overlap hides).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], comm: Communicator, *, bucket_cap: int = 1 << 20,
-                 overlap: bool = True, tag: str = "trunk_grads"):  # fmt: skip
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        comm: Communicator,
+        *,
+        bucket_cap: int = 1 << 20,
+        overlap: bool = True,
+        tag: str = "trunk_grads",
+    ):
         self.params, self.comm, self.overlap, self.tag = list(params), comm, overlap, tag
         self.buckets = bucket_sizes([p.numel() for p in self.params], bucket_cap)
         self._bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
@@ -99,8 +106,10 @@ class TrunkSync:
             self._launch(b)
 
     def _launch(self, b: int) -> None:
-        grads = [self.params[i].grad if self.params[i].grad is not None else torch.zeros_like(self.params[i])
-                 for i in self.buckets[b]]  # fmt: skip
+        grads = [
+            self.params[i].grad if self.params[i].grad is not None else torch.zeros_like(self.params[i])
+            for i in self.buckets[b]
+        ]
         flat = torch.cat([g.reshape(-1) for g in grads])
         handle = self.comm.all_reduce_async(flat, self.tag)
         if not self.overlap:

@@ -60,7 +60,9 @@ def linear_widths(head: Sequence[nn.Module], names: Sequence[str], world_size: i
     return found
 
 
-def choose_styles(widths: Sequence[tuple[int, int]], world_size: int, plan: str | Sequence[str] = "min_bytes") -> tuple[str, ...]:
+def choose_styles(
+    widths: Sequence[tuple[int, int]], world_size: int, plan: str | Sequence[str] = "min_bytes"
+) -> tuple[str, ...]:
     paper = ("col",) + ("row",) * (len(widths) - 1)
     if plan == "paper":
         return paper
@@ -81,7 +83,11 @@ def choose_styles(widths: Sequence[tuple[int, int]], world_size: int, plan: str 
 
 
 def shard_head(
-    head: Sequence[nn.Module], names: Sequence[str], rank: int, world_size: int, plan: str | Sequence[str],
+    head: Sequence[nn.Module],
+    names: Sequence[str],
+    rank: int,
+    world_size: int,
+    plan: str | Sequence[str],
     dropout_seed: int,
 ) -> tuple[list[nn.Module], list[int | Move], tuple[str, ...]]:
     """This worker's copy of the ``head`` layers (named ``names``: ledger tags, messages) with its

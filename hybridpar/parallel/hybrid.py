@@ -80,15 +80,21 @@ class HybridModel(nn.Module):
         self.split = split_model(model, head)
         # Check and cut the head before touching anything: a bad layer is reported before any collective.
         layers, self.program, self.styles = shard_head(
-            self.split.head_layers(model), self.split.head_labels, comm.rank, comm.world_size, plan,
+            self.split.head_layers(model),
+            self.split.head_labels,
+            comm.rank,
+            comm.world_size,
+            plan,
             dropout_seed=seed * 1_000_003 + world.rank * 10_007,
-        )  # fmt: skip
+        )
         # The worker holds the model's own module tree, so every parameter keeps its single-device
         # name; the head's Linear layers in it are replaced by this worker's shards (never copied whole).
         body = _copy_sharing(model, self.split.head_names)
         for name, child in body.named_children():
             if hasattr(HybridModel, name) or name in vars(self):
-                raise ShardingError(f"cannot wrap {type(model).__name__}: its module {name!r} has the name of a HybridModel attribute")
+                raise ShardingError(
+                    f"cannot wrap {type(model).__name__}: its module {name!r} has the name of a HybridModel attribute"
+                )
             self.add_module(name, child)
         for name, p in body.named_parameters(recurse=False):
             self.register_parameter(name, p)
@@ -140,8 +146,16 @@ class HybridModel(nn.Module):
                 h = self._move(op, h, batch_sizes)
         return h
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, scheme: str = "a", fc_batch: str = "full",
-                   optimizer: torch.optim.Optimizer | None = None, autocast=contextlib.nullcontext):  # fmt: skip
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        scheme: str = "a",
+        fc_batch: str = "full",
+        optimizer: torch.optim.Optimizer | None = None,
+        autocast=contextlib.nullcontext,
+    ):
         """Forward, backward and trunk synchronisation of one step; returns this worker's share of
         the global-mean loss and its examples' logits (both detached).
 
@@ -151,8 +165,10 @@ class HybridModel(nn.Module):
         the conv layers still get the mean over all K·b examples.
         """
         if fc_batch == "chunk" and self.replicas is not None:
-            raise ShardingError("parallel.fc_batch=chunk updates the head shards every round; the 2-D layout "
-                                "(fc_group_size < workers) sums them across groups once per step: use fc_batch=full")  # fmt: skip
+            raise ShardingError(
+                "parallel.fc_batch=chunk updates the head shards every round; the 2-D layout "
+                "(fc_group_size < workers) sums them across groups once per step: use fc_batch=full"
+            )
         if scheme == "a":
             with autocast():
                 logits = self(x)

@@ -97,8 +97,11 @@ def sync_batch_norms(root: nn.Module, comm: Communicator, skip: Collection[str] 
     """Replace every BatchNorm layer under ``root`` — at any depth, a direct child included — by a
     :class:`WorkerSyncBatchNorm` (same parameters, buffers and names), except those in or under
     the modules named in ``skip``; returns the qualified names replaced."""
-    names = [n for n, m in root.named_modules() if n and _is_plain_bn(m)
-             and not any(n == s or n.startswith(s + ".") for s in skip)]  # fmt: skip
+    names = [
+        n
+        for n, m in root.named_modules()
+        if n and _is_plain_bn(m) and not any(n == s or n.startswith(s + ".") for s in skip)
+    ]
     for n in names:
         root.set_submodule(n, WorkerSyncBatchNorm(root.get_submodule(n), comm, f"bn:{n}"))
     return names

@@ -20,6 +20,7 @@ from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel
 from hybridpar.parallel.cost import ddp_step_bytes, hybrid_step_bytes
 from hybridpar.parallel.data_parallel import trunk_bucket_numels
+from hybridpar.parallel.program import SCHEMES
 
 WIDTHS = [(9216, 4096), (4096, 4096), (4096, 1000)]
 LAYOUTS = {"paper": ("col", "row", "row"), "min_bytes": ("row", "row", "row")}
@@ -58,7 +59,7 @@ def main() -> None:
             formula = max(hybrid_step_bytes(WIDTHS, styles, trunk, b, K, r) for r in range(K))
             row[plan] = formula
             if 2 <= K <= args.measure_up_to:
-                for scheme in ("a", "b", "c"):
+                for scheme in SCHEMES:
                     got = measured(model, K, b, scheme, plan)
                     assert got == formula, (K, plan, scheme, got, formula)
                 row["source"] = "ledger (a, b, c) = formula"

@@ -105,7 +105,7 @@ def plot(records: list[dict], path: Path) -> None:
         cpu = statistics.median(r["cpu_s_per_byte"] for r in recs)
         eff = statistics.median(r["bytes_per_s"] / costmodel.parse_rate(r["rate"]) for r in recs)
         rates = [10 ** (7.7 + i * 0.05) for i in range(50)]  # 50 Mbit/s .. 15 Gbit/s, in bits
-        for s in ("ddp", "a", "b", "c"):
+        for s in costmodel.SCHEMES:
             model = [
                 costmodel.step_time(prof, costmodel.Link(alpha, r / 8 * eff, cpu), s, recs[0]["K"], b).step_s
                 for r in rates

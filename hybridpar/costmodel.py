@@ -12,8 +12,9 @@ matrix products, and the optimizer's seconds per parameter — measured on the m
 **Communication** is alpha-beta per collective: ``steps · alpha + elements · itemsize / bandwidth``
 with ``steps`` = K−1 (all-gather, reduce-scatter, all-to-all) or 2(K−1) (ring all-reduce), and
 ``elements`` the larger of what the busiest worker sends and receives in that direction (every
-worker has its own full-duplex link, e.g. a port on a switch). The element counts are the byte
-formulas of :mod:`hybridpar.parallel.cost`, the same ones the ledger is checked against.
+worker has its own full-duplex link, e.g. a port on a switch). The moves, their element counts and
+message steps are the step program's (:mod:`hybridpar.parallel.program`), the same ones the model
+runs and the ledger is checked against.
 
 **Overlap** is a two-resource timeline per worker — the processor and the link — replayed in the
 order each scheme issues its work (:func:`step_time`):
@@ -48,15 +49,17 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from hybridpar.comm.base import even_split
-from hybridpar.parallel.cost import allreduce_bytes, head_moves, move_sent_recv, scheme_rounds
-from hybridpar.parallel.data_parallel import bucket_sizes, trunk_bucket_numels
+from hybridpar.comm.base import AGREE_ITEMSIZE, AGREE_WIDTH, even_split
+from hybridpar.models.split import split_model
+from hybridpar.parallel.cost import AGREE_BYTES_PER_PEER, allreduce_bytes, allreduce_steps, head_shard_params
+from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, bucket_sizes, trunk_bucket_numels
 from hybridpar.parallel.head import choose_styles
+from hybridpar.parallel.program import MOVES, head_layout, scheme_rounds
+from hybridpar.parallel.program import SCHEMES as HYBRID_SCHEMES
 
-SCHEMES = ("ddp", "a", "b", "c")
+SCHEMES = ("ddp", *HYBRID_SCHEMES)
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
 GRAD_ITEMSIZE = 4  # gradients are all-reduced in fp32 (fp32 master weights) whatever the compute dtype
-HYBRID_BUCKET_ELEMENTS = 1 << 20  # HybridModel's default bucket_cap (parallel.bucket_mb = 4)
 
 
 # ---- inputs ------------------------------------------------------------------------------
@@ -162,11 +165,11 @@ def parse_rate(text: str) -> float:
 
 
 def trunk_stages(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
-    """The trunk (everything before ``classifier``) cut before each module with weights."""
+    """The trunk's modules (as the model's graph splits it; a chain, as in AlexNet and VGG) cut
+    before each module with weights."""
     mods: list[tuple[str, nn.Module]] = []
-    for name, child in model.named_children():
-        if name == "classifier":
-            break
+    for name in split_model(model).trunk_module_names():
+        child = model.get_submodule(name)
         mods += (
             [(f"{name}.{i}", m) for i, m in enumerate(child)] if isinstance(child, nn.Sequential) else [(name, child)]
         )
@@ -206,74 +209,81 @@ def measure_profile(
     ``dtype=torch.bfloat16`` times under autocast (as the trainer's bf16 precision runs)."""
     dev = torch.device(device)
     model = model.to(dev)
-    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-    x = torch.randn(batch, 3, image_size, image_size, device=dev)
-    stages = []
-    for i, (name, stage) in enumerate(trunk_stages(model)):
-        inp = x.detach().requires_grad_(i > 0)  # the first layer's input needs no gradient
-        with autocast:
-            out = stage(inp)
-        g = torch.randn_like(out)
-
-        def fwd(stage=stage, inp=inp):
-            with autocast:
-                stage(inp)
-
-        def fwd_bwd(stage=stage, inp=inp, g=g):
-            with autocast:
-                out = stage(inp)
-            out.backward(g)
-
-        for _ in range(warmup):
-            fwd_bwd()
-        t_f = _timed(fwd, dev, reps)
-        t_fb = _timed(fwd_bwd, dev, reps)
-        params = tuple(p.numel() for p in stage.parameters())
-        stages.append(Stage(name, t_f / batch, max(t_fb - t_f, 0.0) / batch, params))
-        x = out.detach().float()
-    head = [m for m in model.classifier if isinstance(m, nn.Linear)]
-    rates = []
-    for rows in sorted({1 << i for i in range(16) if 1 << i <= batch} | {batch}):
-        flops, t_fwd, t_bwd = 0.0, 0.0, 0.0
-        for lin in head:
-            inp = torch.randn(rows, lin.in_features, device=dev, requires_grad=True)
-
-            def fwd(lin=lin, inp=inp):
-                with autocast:
-                    lin(inp)
-
-            def fwd_bwd(lin=lin, inp=inp):
-                with autocast:
-                    out = lin(inp)
-                out.backward(torch.ones_like(out))
-
-            for _ in range(warmup):
-                fwd_bwd()
-            f = _timed(fwd, dev, reps)
-            t_fwd += f
-            t_bwd += max(_timed(fwd_bwd, dev, reps) - f, 1e-9)
-            flops += 2.0 * rows * lin.in_features * lin.out_features
-        rates.append((rows, flops / t_fwd, 2 * flops / t_bwd))
-    # The optimizer over the model's own parameters (their count and sizes set its memory traffic).
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    for _ in range(warmup):
-        opt.step()
-    t_opt = _timed(opt.step, dev, reps)
-    n_opt = sum(p.numel() for p in params)
+    timer = _Timer(dev, torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32), reps, warmup)
+    head = [m for m in split_model(model).head_layers(model) if isinstance(m, nn.Linear)]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return Profile(
         device=name,
         dtype=str(dtype).removeprefix("torch."),
         batch=batch,
-        trunk=tuple(stages),
+        trunk=tuple(_time_trunk(model, timer, torch.randn(batch, 3, image_size, image_size, device=dev))),
         head=tuple((m.in_features, m.out_features) for m in head),
-        fc_rates=tuple(rates),
-        opt_s_per_param=t_opt / n_opt,
+        fc_rates=tuple(_time_head(head, timer, batch)),
+        opt_s_per_param=_time_optimizer(model, timer),
         itemsize=2 if dtype == torch.bfloat16 else 4,
     )
+
+
+@dataclass(frozen=True)
+class _Timer:
+    device: torch.device
+    autocast: object
+    reps: int
+    warmup: int
+
+    def forward_backward(self, fn, inp: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[float, float]:
+        """Median seconds of ``fn(inp)`` and of its backward (after warm-up)."""
+
+        def fwd():
+            with self.autocast:
+                return fn(inp)
+
+        def fwd_bwd():
+            out = fwd()
+            out.backward(grad if grad is not None else torch.ones_like(out))
+
+        for _ in range(self.warmup):
+            fwd_bwd()
+        t_f = _timed(fwd, self.device, self.reps)
+        return t_f, _timed(fwd_bwd, self.device, self.reps) - t_f
+
+
+def _time_trunk(model: nn.Module, timer: _Timer, x: torch.Tensor) -> list[Stage]:
+    stages, batch = [], x.shape[0]
+    for i, (name, stage) in enumerate(trunk_stages(model)):
+        inp = x.detach().requires_grad_(i > 0)  # the first layer's input needs no gradient
+        with timer.autocast:
+            out = stage(inp)
+        t_f, t_b = timer.forward_backward(stage, inp, torch.randn_like(out))
+        stages.append(Stage(name, t_f / batch, max(t_b, 0.0) / batch, tuple(p.numel() for p in stage.parameters())))
+        x = out.detach().float()
+    return stages
+
+
+def _time_head(head: Sequence[nn.Linear], timer: _Timer, batch: int) -> list[tuple[int, float, float]]:
+    """Achieved FLOP/s of the head's products, forward and backward, by rows (powers of 2 up to batch)."""
+    rates = []
+    for rows in sorted({1 << i for i in range(16) if 1 << i <= batch} | {batch}):
+        flops, t_fwd, t_bwd = 0.0, 0.0, 0.0
+        for lin in head:
+            f, b = timer.forward_backward(
+                lin, torch.randn(rows, lin.in_features, device=timer.device, requires_grad=True)
+            )
+            t_fwd, t_bwd = t_fwd + f, t_bwd + max(b, 1e-9)
+            flops += 2.0 * rows * lin.in_features * lin.out_features
+        rates.append((rows, flops / t_fwd, 2 * flops / t_bwd))
+    return rates
+
+
+def _time_optimizer(model: nn.Module, timer: _Timer) -> float:
+    """Seconds per parameter of SGD over the model's own parameters (their sizes set its memory traffic)."""
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    for _ in range(timer.warmup):
+        opt.step()
+    return _timed(opt.step, timer.device, timer.reps) / sum(p.numel() for p in params)
 
 
 # ---- the timeline ------------------------------------------------------------------------
@@ -318,38 +328,29 @@ class StepTime:
         return self.step_s - self.compute_s
 
 
-def _steps(kind: str, K: int) -> int:
-    return 2 * (K - 1) if kind == "all_reduce" else K - 1
-
-
 def _move_time(link: Link, kind: str, n: int, betas: Sequence[int], itemsize: int, backward: bool) -> tuple[float, int]:
     """Seconds of one head move (forward or its backward mirror) and the elements rank 0 sends.
 
     The slowest worker sets the pace: the most any worker sends or receives in that direction."""
-    K = len(betas)
-    per_rank = [move_sent_recv(kind, n, betas, r) for r in range(K)]
+    move, K = MOVES[kind], len(betas)
+    per_rank = [move.sent_recv(n, betas, r) for r in range(K)]
     if backward:
         per_rank = [(r, s) for s, r in per_rank]
     busiest = max(max(s, r) for s, r in per_rank)
-    return link.time(_steps(kind, K), busiest, itemsize), per_rank[0][0]
+    return link.time(move.steps(K), busiest, itemsize), per_rank[0][0]
 
 
 def _allreduce_time(link: Link, n: int, K: int) -> float:
-    return link.time(_steps("all_reduce", K), max(allreduce_bytes(n, K, r, 1) for r in range(K)), GRAD_ITEMSIZE)
+    return link.time(allreduce_steps(K), max(allreduce_bytes(n, K, r, 1) for r in range(K)), GRAD_ITEMSIZE)
 
 
 def _head_program(widths: Sequence[tuple[int, int]], styles: Sequence[str]) -> list[tuple]:
-    """The head as ``shard_head`` lays it out: ``('linear', i)`` and ``('move', kind, width)``."""
-    moves = iter(head_moves(widths, styles))
+    """The step program's head (:func:`head_layout`) as ``('linear', i)`` and ``('move', kind, width)``."""
+    per_linear, tail = head_layout(widths, styles)
     program: list[tuple] = []
-    for i, style in enumerate(styles):
-        if style == "col" or i == 0:
-            program.append(("move", *next(moves)))
-        program.append(("linear", i))
-        if style == "row":
-            program.append(("move", *next(moves)))
-    program += [("move", *m) for m in moves]
-    return program
+    for i, (before, after) in enumerate(per_linear):
+        program += [*(("move", *m) for m in before), ("linear", i), *(("move", *m) for m in after)]
+    return program + [("move", *m) for m in tail]
 
 
 def _linear_flops(n_in: int, n_out: int, style: str, rows: int, K: int) -> float:
@@ -395,7 +396,7 @@ def step_time(
     *,
     plan: str | Sequence[str] = "min_bytes",
     overlap: bool = True,
-    bucket_cap: int = HYBRID_BUCKET_ELEMENTS,
+    bucket_cap: int = TRUNK_BUCKET_ELEMENTS,
     fc_group_size: int | None = None,
 ) -> StepTime:
     """Predicted time of one training step with ``K`` workers, ``b`` images each.
@@ -408,84 +409,99 @@ def step_time(
         raise ValueError(f"fc_group_size {G} must divide the number of workers {K}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    tl, isz = _Timeline(), profile.itemsize
-    widths = list(profile.head)
-    trunk_fwd = sum(s.fwd_s for s in profile.trunk) * b
-    trunk_bwd = [(s.bwd_s * b, s.params) for s in reversed(profile.trunk)]
-    sent = 0
-
-    def linear(i: int, style: str, rows: int, backward: bool) -> None:
-        f = _linear_flops(*widths[i], style, rows, G)
-        # The rate goes by rows, not FLOPs: a product of ``rows`` examples with a weight (shard)
-        # does ~rows/2 FLOPs per weight byte read whatever the shard's width, so a shard on K·b
-        # rows runs like the full layer on K·b rows (roofline), and a round of b/K·K rows slower.
-        tl.run((2 * f if backward else f) / profile.fc_rate(rows, backward))
-
     if scheme == "ddp":
-        tl.run(trunk_fwd + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False))
-        head_bwd = [(4.0 * b * i * o / profile.fc_rate(b, True), (i * o, o)) for i, o in reversed(widths)]
-        done = _backward_with_buckets(tl, link, head_bwd + trunk_bwd, DDP_BUCKET_BYTES // GRAD_ITEMSIZE, K)
-        sent = allreduce_bytes(profile.trunk_params + profile.head_params, K, 0, GRAD_ITEMSIZE)
-        n_opt = sum(profile.trunk_params) + sum(profile.head_params)
+        tl, sent, done, n_opt = _ddp_step(profile, link, K, b)
     else:
-        styles = choose_styles(widths, G, plan)
-        program = _head_program(widths, styles)
-        if G > 1:
-            tl.blocking(link.time(G - 1, 9, 8))  # the batch-shape agreement
-            sent += (G - 1) * 72
-        tl.run(trunk_fwd)
-        rounds = scheme_rounds(scheme, b, G) if G > 1 else [[b]]
-
-        def head_pass(betas: Sequence[int], body: Sequence[tuple], backward: bool) -> None:
-            nonlocal sent
-            for op in reversed(body) if backward else body:
-                if op[0] == "linear":
-                    linear(op[1], styles[op[1]], sum(betas), backward)
-                elif G > 1:
-                    seconds, elements = _move_time(link, op[1], op[2], betas, isz, backward)
-                    tl.blocking(seconds)
-                    sent += elements * isz
-
-        if scheme == "a" or G == 1:
-            head_pass([b] * G, program, False)
-            head_pass([b] * G, program, True)
-        else:
-            first, body = program[0], program[1:]
-
-            def issue(j: int, backward: bool) -> float:
-                nonlocal sent
-                seconds, elements = _move_time(link, first[1], first[2], rounds[j], isz, backward)
-                sent += elements * isz
-                return tl.issue(seconds)
-
-            pending = {0: issue(0, False)}
-            returns = []
-            for j in range(G):
-                if overlap and j + 1 < G:
-                    pending[j + 1] = issue(j + 1, False)
-                tl.wait(pending.pop(j))
-                head_pass(rounds[j], body, False)
-                head_pass(rounds[j], body, True)
-                returns.append(issue(j, True))
-                if not overlap:
-                    tl.wait(returns[-1])
-                    if j + 1 < G:
-                        pending[j + 1] = issue(j + 1, False)
-            tl.wait(max(returns))
-        # This worker's head shard: weight elements (FLOPs of one row / 2) and its bias slice.
-        shard = sum(_linear_flops(i, o, s, 1, G) / 2 + even_split(o, G)[0] for (i, o), s in zip(widths, styles))
-        fc_sync = []
-        if K > G:  # 2-D: the shard's gradient is summed over the K/G groups, while the trunk's backward runs
-            fc_sync.append(tl.issue(_allreduce_time(link, int(shard), K // G)))
-            sent += allreduce_bytes(int(shard), K // G, 0, GRAD_ITEMSIZE)
-        done = fc_sync + _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, overlap)
-        sent += allreduce_bytes(trunk_bucket_numels(profile.trunk_params, bucket_cap), K, 0, GRAD_ITEMSIZE)
-        n_opt = sum(profile.trunk_params) + shard
+        step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap)
+        tl, sent, done, n_opt = step.run(scheme, bucket_cap)
     for t in done:
         tl.wait(t)
     tl.run(n_opt * profile.opt_s_per_param)
     transport = link.cpu_s_per_byte * 2 * sent  # every worker receives about what it sends
     return StepTime(max(tl.cpu, tl.compute + transport), tl.compute, tl.comm, int(sent))
+
+
+def _ddp_step(profile: Profile, link: Link, K: int, b: int) -> tuple[_Timeline, int, list[float], int]:
+    """DDP: forward; backward with each 25 MB bucket's all-reduce issued when its gradients are in."""
+    tl, widths = _Timeline(), list(profile.head)
+    tl.run(
+        sum(s.fwd_s for s in profile.trunk) * b + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False)
+    )
+    head_bwd = [(4.0 * b * i * o / profile.fc_rate(b, True), (i * o, o)) for i, o in reversed(widths)]
+    trunk_bwd = [(s.bwd_s * b, s.params) for s in reversed(profile.trunk)]
+    done = _backward_with_buckets(tl, link, head_bwd + trunk_bwd, DDP_BUCKET_BYTES // GRAD_ITEMSIZE, K)
+    sent = allreduce_bytes(profile.trunk_params + profile.head_params, K, 0, GRAD_ITEMSIZE)
+    return tl, sent, done, sum(profile.trunk_params) + sum(profile.head_params)
+
+
+class _HybridStep:
+    """One hybrid step on the timeline: the schedule the code runs (``rounds.py`` for (b)/(c))."""
+
+    def __init__(self, profile: Profile, link: Link, K: int, b: int, G: int, styles, overlap: bool):
+        self.profile, self.link, self.K, self.b, self.G = profile, link, K, b, G
+        self.styles, self.overlap = styles, overlap
+        self.widths = list(profile.head)
+        self.tl, self.sent = _Timeline(), 0
+
+    def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
+        tl, G, K, link = self.tl, self.G, self.K, self.link
+        program = _head_program(self.widths, self.styles)
+        if G > 1:
+            tl.blocking(link.time(G - 1, AGREE_WIDTH, AGREE_ITEMSIZE))  # the batch-shape agreement
+            self.sent += (G - 1) * AGREE_BYTES_PER_PEER
+        tl.run(sum(s.fwd_s for s in self.profile.trunk) * self.b)
+        if scheme == "a" or G == 1:
+            self.head_pass([self.b] * G, program, False)
+            self.head_pass([self.b] * G, program, True)
+        else:
+            self.rounds(scheme_rounds(scheme, self.b, G), program[0], program[1:])
+        shard = head_shard_params(self.widths, self.styles, G, 0)
+        fc_sync = []
+        if K > G:  # 2-D: the shard's gradient is summed over the K/G groups, while the trunk's backward runs
+            fc_sync.append(tl.issue(_allreduce_time(link, shard, K // G)))
+            self.sent += allreduce_bytes(shard, K // G, 0, GRAD_ITEMSIZE)
+        trunk_bwd = [(s.bwd_s * self.b, s.params) for s in reversed(self.profile.trunk)]
+        done = fc_sync + _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, self.overlap)
+        self.sent += allreduce_bytes(trunk_bucket_numels(self.profile.trunk_params, bucket_cap), K, 0, GRAD_ITEMSIZE)
+        return tl, self.sent, done, sum(self.profile.trunk_params) + shard
+
+    def linear(self, i: int, rows: int, backward: bool) -> None:
+        f = _linear_flops(*self.widths[i], self.styles[i], rows, self.G)
+        # The rate goes by rows, not FLOPs: a product of ``rows`` examples with a weight (shard)
+        # does ~rows/2 FLOPs per weight byte read whatever the shard's width, so a shard on K·b
+        # rows runs like the full layer on K·b rows (roofline), and a round of b/K·K rows slower.
+        self.tl.run((2 * f if backward else f) / self.profile.fc_rate(rows, backward))
+
+    def move(self, op: tuple, betas: Sequence[int], backward: bool) -> float:
+        seconds, elements = _move_time(self.link, op[1], op[2], betas, self.profile.itemsize, backward)
+        self.sent += elements * self.profile.itemsize
+        return seconds
+
+    def head_pass(self, betas: Sequence[int], body: Sequence[tuple], backward: bool) -> None:
+        for op in reversed(body) if backward else body:
+            if op[0] == "linear":
+                self.linear(op[1], sum(betas), backward)
+            elif self.G > 1:
+                self.tl.blocking(self.move(op, betas, backward))
+
+    def rounds(self, rounds: list[list[int]], first: tuple, body: Sequence[tuple]) -> None:
+        """Schemes (b)/(c): round j+1's features issued before round j computes; round j's feature
+        gradients leave while round j+1 computes."""
+        tl, G = self.tl, self.G
+        pending = {0: tl.issue(self.move(first, rounds[0], False))}
+        returns = []
+        for j in range(G):
+            if self.overlap and j + 1 < G:
+                pending[j + 1] = tl.issue(self.move(first, rounds[j + 1], False))
+            tl.wait(pending.pop(j))
+            self.head_pass(rounds[j], body, False)
+            self.head_pass(rounds[j], body, True)
+            returns.append(tl.issue(self.move(first, rounds[j], True)))
+            if not self.overlap:
+                tl.wait(returns[-1])
+                if j + 1 < G:
+                    pending[j + 1] = tl.issue(self.move(first, rounds[j + 1], False))
+        tl.wait(max(returns))
 
 
 def single_device_time(profile: Profile, b: int) -> float:

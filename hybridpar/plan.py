@@ -24,9 +24,10 @@ from torch import nn
 
 from hybridpar import costmodel as cm
 from hybridpar.models.split import split_model
-from hybridpar.parallel.cost import ddp_step_bytes, two_d_step_bytes
+from hybridpar.parallel.cost import allreduce_steps, ddp_step_bytes, two_d_step_bytes
 from hybridpar.parallel.data_parallel import trunk_bucket_numels
 from hybridpar.parallel.head import choose_styles
+from hybridpar.parallel.program import head_message_steps
 
 DEFAULTS = {
     "model": "alexnet",
@@ -123,7 +124,7 @@ def layouts(model: nn.Module, K: int, b: int, link: cm.Link, profile: cm.Profile
             0,
             ddp,
             cm.step_time(profile, link, "ddp", K, b).step_s if profile else None,
-            link_time(ddp, 2 * (K - 1)),
+            link_time(ddp, allreduce_steps(K)),
         )
     )
     for G in [g for g in range(1, K + 1) if K % g == 0 and g > 1]:
@@ -131,17 +132,9 @@ def layouts(model: nn.Module, K: int, b: int, link: cm.Link, profile: cm.Profile
         by = two_d_step_bytes(widths, styles, trunk, b, K, G)
         step = cm.step_time(profile, link, "a", K, b, plan=plan, fc_group_size=G).step_s if profile else None
         name = "1-D hybrid (G = K)" if G == K else f"2-D hybrid, G = {G}"
-        out.append(Layout(name, G, by, step, link_time(by, 2 * (K - 1) + 6 * (G - 1))))
+        steps = allreduce_steps(K) + head_message_steps(widths, styles, G) + (allreduce_steps(K // G) if G < K else 0)
+        out.append(Layout(name, G, by, step, link_time(by, steps)))
     return out
-
-
-def fewest_bytes_group(model: nn.Module, K: int, b: int, plan="min_bytes", head: str | None = None) -> int:
-    """The FC group size G (dividing K) whose 2-D layout sends the fewest bytes per worker and step
-    (``parallel.fc_group_size=auto``); ties go to the larger G (fewer head-gradient all-reduces)."""
-    widths = head_widths(model, head)
-    trunk = trunk_buckets(model, head)
-    options = [g for g in range(1, K + 1) if K % g == 0]
-    return min(options, key=lambda g: (two_d_step_bytes(widths, choose_styles(widths, g, plan), trunk, b, K, g), -g))
 
 
 def best(ls: Sequence[Layout]) -> Layout:
@@ -190,15 +183,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def trunk_buckets(model: nn.Module, head: str | None = None) -> list[int]:
     """Element counts of the trunk's gradient buckets (what its all-reduce moves)."""
-    split = split_model(model, head)
-    return trunk_bucket_numels([p.numel() for n, p in model.named_parameters() if not split.is_head_parameter(n)])
+    return trunk_bucket_numels(split_model(model, head).trunk_numels(model))
 
 
 def head_widths(model: nn.Module, head: str | None = None) -> list[tuple[int, int]]:
     """``(in, out)`` of each Linear of the model's head."""
-    return [
-        (m.in_features, m.out_features) for m in split_model(model, head).head_layers(model) if isinstance(m, nn.Linear)
-    ]
+    return split_model(model, head).head_widths(model)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,12 @@ from hybridpar.models.split import split_model
 from hybridpar.optim import Schedule, learning_rates, sgd
 from hybridpar.parallel import HybridModel
 from hybridpar.parallel.data_parallel import allreduce_gradients, ledger_allreduce_hook
+from hybridpar.parallel.head import fewest_bytes_group
+from hybridpar.parallel.program import SCHEMES as HYBRID_SCHEMES
 
 log = logging.getLogger("hybridpar")
 
-SCHEMES = ("a", "b", "c", "ddp")
+SCHEMES = (*HYBRID_SCHEMES, "ddp")
 PRECISIONS = ("fp32", "bf16")
 LR_SCALES = {"none": lambda K: 1.0, "sqrt": math.sqrt, "linear": float}
 
@@ -243,8 +245,6 @@ def _group_size(cfg: DictConfig, model: nn.Module, K: int, b: int) -> int | None
     if G is None:
         return None
     if G == "auto":
-        from hybridpar.plan import fewest_bytes_group
-
         return fewest_bytes_group(model, K, b, _plan(cfg.parallel.plan), cfg.model.get("head"))
     if not isinstance(G, int) or isinstance(G, bool):
         raise ConfigError(f"parallel.fc_group_size={G!r} must be null, auto or a positive integer dividing the workers")

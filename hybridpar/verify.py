@@ -21,6 +21,7 @@ from torch import nn
 from hybridpar.comm.base import Communicator
 from hybridpar.models import alexnet_small, build_seeded
 from hybridpar.parallel.hybrid import HybridModel, assemble
+from hybridpar.parallel.program import SCHEMES
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--plan", default="min_bytes", help="head layout: min_bytes | paper | e.g. row,row,row")
     ap.add_argument("--hidden", type=int, default=50)
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--scheme", default="a", choices=["a", "b", "c"])
+    ap.add_argument("--scheme", default="a", choices=SCHEMES)
     args = ap.parse_args(argv)
     plan = tuple(args.plan.split(",")) if "," in args.plan else args.plan
     under_torchrun = "LOCAL_RANK" in os.environ

@@ -12,25 +12,17 @@ from hybridpar import costmodel as cm
 from hybridpar.comm import run_emulated
 from hybridpar.models import alexnet_small, build_seeded
 from hybridpar.parallel import HybridModel
-from hybridpar.parallel.cost import ddp_step_bytes, hybrid_step_bytes, move_sent_recv, scheme_rounds
+from hybridpar.parallel.cost import ddp_step_bytes, hybrid_step_bytes
 from hybridpar.parallel.data_parallel import trunk_bucket_numels
-from hybridpar.parallel.head import Move, choose_styles
+from hybridpar.parallel.head import choose_styles
+from hybridpar.parallel.program import MOVES, Move, scheme_rounds
 from hybridpar.verify import Case
 
-KINDS = (
-    "gather_batch",
-    "scatter_batch",
-    "gather_features",
-    "reduce_scatter_features",
-    "batch_to_features",
-    "features_to_batch",
-)
 
-
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", sorted(MOVES))
 def test_every_element_sent_is_received(kind):
     for K, n, betas in ((2, 10, [3, 3]), (3, 7, [2, 0, 5]), (4, 9, [1, 2, 3, 4]), (5, 12, [0, 0, 6, 0, 0])):
-        flows = [move_sent_recv(kind, n, betas, r) for r in range(K)]
+        flows = [MOVES[kind].sent_recv(n, betas, r) for r in range(K)]
         assert sum(s for s, _ in flows) == sum(r for _, r in flows) > 0, (kind, K, flows)
 
 
@@ -53,7 +45,7 @@ def test_per_direction_formula_matches_the_ledger(K, plan, scheme):
     rounds = scheme_rounds(scheme, case.local_batch, K)  # every move runs once per round
     for rank, (moves, by_tag) in enumerate(run_emulated(K, _direction_worker, case)):
         for move in moves:
-            flows = [move_sent_recv(move.kind, move.width, betas, rank) for betas in rounds]
+            flows = [move.spec.sent_recv(move.width, betas, rank) for betas in rounds]
             sent, recv = 4 * sum(s for s, _ in flows), 4 * sum(r for _, r in flows)
             assert by_tag[move.tag] == (sent, recv), (rank, move, by_tag)
             assert by_tag[move.tag + ".grad"] == (recv, sent), (rank, move, by_tag)

@@ -134,8 +134,7 @@ def test_the_training_app_runs_the_two_d_layout(tmp_path, setting):
     import sys
 
     from hybridpar.models import alexnet_small
-    from hybridpar.parallel.head import choose_styles
-    from hybridpar.plan import fewest_bytes_group
+    from hybridpar.parallel.head import choose_styles, fewest_bytes_group
     from tests.helpers import run_cmd
 
     proc = run_cmd(

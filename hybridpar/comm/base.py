@@ -21,6 +21,10 @@ import torch
 from hybridpar.comm.ledger import ByteLedger
 from hybridpar.errors import BatchMismatchError
 
+# The shape agreement (``Communicator.agree``): a length prefix and up to 8 values, as int64, so
+# the message has the same shape on every worker whatever it holds.
+AGREE_WIDTH, AGREE_ITEMSIZE = 9, 8
+
 
 def even_split(n: int, parts: int) -> list[int]:
     """Sizes of ``parts`` near-equal contiguous shards of ``n`` (the first ``n % parts`` get one more),
@@ -137,7 +141,7 @@ class Communicator(ABC):
         t = torch.tensor([len(values), *values], dtype=torch.int64)
         # A length prefix plus fixed padding keeps the message the same shape on every worker
         # even when the tuples differ in length.
-        width = 9
+        width = AGREE_WIDTH
         if t.numel() > width:
             raise ValueError(f"agree() takes at most {width - 1} values")
         t = torch.nn.functional.pad(t, (0, width - t.numel()), value=-1)

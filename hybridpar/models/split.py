@@ -152,6 +152,14 @@ class Split:
         """The head's layers, in order: the model's own modules, functions wrapped as layers."""
         return [model.get_submodule(h.name) if h.name is not None else Elementwise(*h.call) for h in self.head]
 
+    def head_widths(self, model: nn.Module) -> list[tuple[int, int]]:
+        """``(in, out)`` of each Linear of the head, in order."""
+        return [(m.in_features, m.out_features) for m in self.head_layers(model) if isinstance(m, nn.Linear)]
+
+    def trunk_numels(self, model: nn.Module) -> list[int]:
+        """Element counts of the trunk's parameters, in model order (what its all-reduce moves)."""
+        return [p.numel() for n, p in model.named_parameters() if not self.is_head_parameter(n)]
+
     def is_head_parameter(self, name: str) -> bool:
         return any(name.startswith(n + ".") for n in self.head_names)
 

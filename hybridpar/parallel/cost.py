@@ -14,81 +14,18 @@ trunk gradient all-reduce, P params P + (K-2)·c_k               2(K-1)·P / K
 ==================================  =========================  ===========================
 
 plus one 9-int64 shape agreement per step ((K-1)·72 bytes). DDP over the whole model moves
-the all-reduce of all parameters.
+the all-reduce of all parameters. Which moves a head runs, and each move's element count, are
+the step program's (``program.py``); this module only adds them up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hybridpar.comm.base import even_split
+from hybridpar.comm.base import AGREE_ITEMSIZE, AGREE_WIDTH, even_split
+from hybridpar.parallel.program import MOVES, head_moves, scheme_rounds
 
-AGREE_BYTES_PER_PEER = 9 * 8
-
-
-def move_sent_recv(kind: str, n: int, betas: Sequence[int], rank: int) -> tuple[int, int]:
-    """Elements worker ``rank`` sends and receives in the *forward* direction of one move, when
-    worker k brings ``betas[k]`` examples (``[b] * K`` in scheme (a); one round in (b)/(c)).
-    The backward move is the mirror image: it sends what the forward received, and vice versa."""
-    K, B, beta = len(betas), sum(betas), betas[rank]
-    s = even_split(n, K)[rank]
-    if kind == "gather_batch":  # all-gather of rows: own rows to every peer
-        return beta * n * (K - 1), (B - beta) * n
-    if kind == "scatter_batch":  # reduce-scatter of rows: partial sums of the peers' rows out
-        return (B - beta) * n, beta * n * (K - 1)
-    if kind == "gather_features":  # all-gather of feature slices, every example
-        return B * s * (K - 1), B * (n - s)
-    if kind == "reduce_scatter_features":  # reduce-scatter of feature slices, every example
-        return B * (n - s), B * s * (K - 1)
-    if kind == "batch_to_features":  # all-to-all: own rows' other slices out, own slice of peers' rows in
-        return beta * (n - s), (B - beta) * s
-    if kind == "features_to_batch":
-        return (B - beta) * s, beta * (n - s)
-    raise ValueError(f"unknown move {kind!r}")
-
-
-def move_elements(kind: str, n: int, betas: Sequence[int], rank: int) -> int:
-    """Elements worker ``rank`` sends (= receives) for one move, forward and backward together."""
-    sent, recv = move_sent_recv(kind, n, betas, rank)
-    return sent + recv
-
-
-def scheme_rounds(scheme: str, b: int, K: int) -> list[list[int]]:
-    """Examples per worker in each round: one round of ``[b] * K`` for (a); K rounds for (b), (c)."""
-    if scheme == "a":
-        return [[b] * K]
-    if scheme == "b":
-        return [[b if k == j else 0 for k in range(K)] for j in range(K)]
-    if scheme == "c":
-        return [[s] * K for s in even_split(b, K)]
-    raise ValueError(f"unknown scheme {scheme!r}")
-
-
-def head_moves(widths: Sequence[tuple[int, int]], styles: Sequence[str]) -> list[tuple[str, int]]:
-    """The activation moves of a head of Linear layers ``widths = [(in, out), ...]`` laid out as
-    ``styles`` ('col' | 'row' per layer), as ``(move, width)`` pairs.
-
-    Layouts between layers: B = own examples, F = all examples / own feature slice, P = partial
-    sums. A column layer needs every feature of every example; a row layer needs F; a
-    nonlinearity needs B or F (never P); the loss needs B.
-    """
-    moves: list[tuple[str, int]] = []
-    state = "B"
-    for i, ((n_in, n_out), style) in enumerate(zip(widths, styles)):
-        last = i == len(widths) - 1
-        if style == "col":
-            moves.append(("gather_batch" if state == "B" else "gather_features", n_in))
-            state = "F"
-        elif style == "row":
-            if state == "B":
-                moves.append(("batch_to_features", n_in))
-            moves.append(("scatter_batch" if last else "reduce_scatter_features", n_out))
-            state = "B" if last else "F"
-        else:
-            raise ValueError(f"style must be 'col' or 'row', got {style!r}")
-    if state == "F":
-        moves.append(("features_to_batch", widths[-1][1]))
-    return moves
+AGREE_BYTES_PER_PEER = AGREE_WIDTH * AGREE_ITEMSIZE
 
 
 def head_bytes(widths, styles, b: int, K: int, rank: int, itemsize: int = 4, scheme: str = "a") -> int:
@@ -96,7 +33,7 @@ def head_bytes(widths, styles, b: int, K: int, rank: int, itemsize: int = 4, sch
         return 0
     moves = head_moves(widths, styles)
     return itemsize * sum(
-        move_elements(kind, n, betas, rank) for betas in scheme_rounds(scheme, b, K) for kind, n in moves
+        MOVES[kind].elements(n, betas, rank) for betas in scheme_rounds(scheme, b, K) for kind, n in moves
     )
 
 
@@ -106,6 +43,11 @@ def allreduce_bytes(n_params: int | Sequence[int], K: int, rank: int, itemsize: 
         return 0
     sizes = [n_params] if isinstance(n_params, int) else list(n_params)
     return itemsize * sum(n + (K - 2) * even_split(n, K)[rank] for n in sizes)
+
+
+def allreduce_steps(K: int) -> int:
+    """Message steps of a ring all-reduce: a reduce-scatter and an all-gather pass, K - 1 each."""
+    return 2 * (K - 1)
 
 
 def hybrid_step_bytes(

@@ -12,6 +12,10 @@ import torch.distributed as dist
 
 from hybridpar.comm.base import Communicator
 
+# The trunk's gradient buckets: 2^20 elements (4 MB of fp32; parallel.bucket_mb = 4). Small enough
+# that the first bucket's all-reduce starts early in the backward, large enough to amortise alpha.
+TRUNK_BUCKET_ELEMENTS = 1 << 20
+
 
 def allreduce_gradients(params: Sequence[torch.nn.Parameter], comm: Communicator, tag: str) -> None:
     """SUM every gradient over the workers, in one coalesced all-reduce.
@@ -81,7 +85,7 @@ class TrunkSync:
         params: Sequence[torch.nn.Parameter],
         comm: Communicator,
         *,
-        bucket_cap: int = 1 << 20,
+        bucket_cap: int = TRUNK_BUCKET_ELEMENTS,
         overlap: bool = True,
         tag: str = "trunk_grads",
     ):
@@ -137,6 +141,6 @@ def _on_grad_ready(sync: weakref.ref, i: int, _p: torch.nn.Parameter) -> None:
         owner._ready_one(i)
 
 
-def trunk_bucket_numels(numels: Sequence[int], cap: int = 1 << 20) -> list[int]:
+def trunk_bucket_numels(numels: Sequence[int], cap: int = TRUNK_BUCKET_ELEMENTS) -> list[int]:
     """The element count of each bucket :class:`TrunkSync` all-reduces (for the byte formula)."""
     return [sum(numels[i] for i in bucket) for bucket in bucket_sizes(numels, cap)]

@@ -1,7 +1,7 @@
 """The model-parallel head: which Linear is column- or row-parallel, and the moves between them.
 
 A layout ("plan") is a style per Linear layer, ``'col'`` or ``'row'``. From it follow the
-activation moves (see :func:`hybridpar.parallel.cost.head_moves`). ``plan='min_bytes'`` picks
+activation moves (the step program: :func:`hybridpar.parallel.program.head_layout`). ``plan='min_bytes'`` picks
 the styles that move the fewest bytes; ``'paper'`` is the paper's chain (gather the features,
 then column, row, row, ...); an explicit tuple is taken as given.
 
@@ -16,24 +16,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
 from hybridpar.errors import ShardingError
-from hybridpar.models.split import ELEMENTWISE_MODULES, Elementwise
-from hybridpar.parallel.cost import head_bytes, head_moves
+from hybridpar.models.split import ELEMENTWISE_MODULES, Elementwise, split_model
+from hybridpar.parallel.cost import head_bytes, two_d_step_bytes
+from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, trunk_bucket_numels
 from hybridpar.parallel.linear import ColumnParallelLinear, RowParallelLinear, WorkerDropout
+from hybridpar.parallel.program import Move, head_layout
 
 # Layers that act on each activation independently: they may run on any part of a tensor.
 ELEMENTWISE = (*ELEMENTWISE_MODULES, Elementwise)
-
-
-@dataclass(frozen=True)
-class Move:
-    kind: str  # a function of hybridpar.comm.regions
-    width: int  # the feature width moved
-    tag: str  # ledger tag: the head layer it feeds or leaves
 
 
 def linear_widths(head: Sequence[nn.Module], names: Sequence[str], world_size: int) -> list[tuple[int, int, int]]:
@@ -95,28 +89,33 @@ def shard_head(
     found = linear_widths(head, names, world_size)
     widths = [(n_in, n_out) for _, n_in, n_out in found]
     styles = choose_styles(widths, world_size, plan)
-    style_of = {i: s for (i, _, _), s in zip(found, styles)}
-    moves = iter(head_moves(widths, styles))
+    per_linear, tail = head_layout(widths, styles)
+    linear_of = {i: k for k, (i, _, _) in enumerate(found)}
 
     layers: list[nn.Module] = []
     program: list[int | Move] = []
     for i, m in enumerate(head):
-        if isinstance(m, nn.Linear):
-            style = style_of[i]
-            if style == "col" or i == found[0][0]:
-                # A column layer first needs the full features; a row layer that starts the head
-                # needs its input slice of every example.
-                kind, width = next(moves)
-                program.append(Move(kind, width, f"{names[i]}.in"))
-            layers.append((ColumnParallelLinear if style == "col" else RowParallelLinear)(m, rank, world_size))
-            program.append(i)
-            if style == "row":
-                kind, width = next(moves)
-                program.append(Move(kind, width, f"{names[i]}.out"))
+        if i in linear_of:
+            k = linear_of[i]
+            before, after = per_linear[k]
+            program += [Move(kind, width, f"{names[i]}.in") for kind, width in before]
+            layers.append((ColumnParallelLinear if styles[k] == "col" else RowParallelLinear)(m, rank, world_size))
+            program += [i, *(Move(kind, width, f"{names[i]}.out") for kind, width in after)]
         else:
             # Dropout draws from the worker's own generator, one stream per layer.
             layers.append(WorkerDropout(m.p, dropout_seed + i) if isinstance(m, nn.Dropout) else m)
             program.append(i)
-    for kind, width in moves:  # a final column layer hands each example's logits to its owner
-        program.append(Move(kind, width, f"{names[found[-1][0]]}.out"))
+    # A final column layer hands each example's logits to its owner.
+    program += [Move(kind, width, f"{names[found[-1][0]]}.out") for kind, width in tail]
     return layers, program, styles
+
+
+def fewest_bytes_group(
+    model: nn.Module, K: int, b: int, plan="min_bytes", head: str | None = None, bucket_cap: int = TRUNK_BUCKET_ELEMENTS
+) -> int:
+    """The FC group size G (dividing K) whose 2-D layout sends the fewest bytes per worker and step
+    (``parallel.fc_group_size=auto``); ties go to the larger G (fewer head-gradient all-reduces)."""
+    split = split_model(model, head)
+    widths, trunk = split.head_widths(model), trunk_bucket_numels(split.trunk_numels(model), bucket_cap)
+    options = [g for g in range(1, K + 1) if K % g == 0]
+    return min(options, key=lambda g: (two_d_step_bytes(widths, choose_styles(widths, g, plan), trunk, b, K, g), -g))

@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridpar.comm import regions
 from hybridpar.comm.base import Communicator, even_split
 from hybridpar.errors import ShardingError
 from hybridpar.models.seeded import MODEL_LOCK
 from hybridpar.models.split import split_model
-from hybridpar.parallel.cost import scheme_rounds
-from hybridpar.parallel.data_parallel import TrunkSync, allreduce_gradients
-from hybridpar.parallel.head import Move, shard_head
+from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, TrunkSync, allreduce_gradients
+from hybridpar.parallel.head import shard_head
 from hybridpar.parallel.linear import ShardSpec
-from hybridpar.parallel.rounds import grads_from, own_rows, send_grads, send_inputs
+from hybridpar.parallel.program import Move
+from hybridpar.parallel.rounds import loss_input, train_rounds
 from hybridpar.parallel.sync_bn import sync_batch_norms
 
 
@@ -52,7 +50,7 @@ class HybridModel(nn.Module):
         seed: int = 0,
         comm_dtype: torch.dtype | None = None,
         overlap: bool = True,
-        bucket_cap: int = 1 << 20,
+        bucket_cap: int = TRUNK_BUCKET_ELEMENTS,
         fc_group_size: int | None = None,
         sync_bn: bool = True,
     ):
@@ -108,7 +106,7 @@ class HybridModel(nn.Module):
             # BatchNorm over the global batch, so the hybrid stays the single device (sync_bn.py).
             sync_batch_norms(self, world, skip=self.split.head_names)
         self._trunk = self.split.trunk(self)
-        self._first_move = next(i for i, op in enumerate(self.program) if isinstance(op, Move))
+        self.first_move = next(i for i, op in enumerate(self.program) if isinstance(op, Move))
         self.trunk_sync = TrunkSync(self.trunk_parameters(), world, bucket_cap=bucket_cap, overlap=overlap)
 
     # ---- the step ------------------------------------------------------------------------
@@ -131,19 +129,21 @@ class HybridModel(nn.Module):
         return h
 
     def forward_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self._run(self.program, h, [h.shape[0]] * self.comm.world_size)
+        return self.run_program(self.program, h, [h.shape[0]] * self.comm.world_size)
 
-    def _run(self, program, h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
-        head = self._head
-        first = self.program[self._first_move]
+    def run_program(self, program: Sequence[int | Move], h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
+        """Run ``program`` (a part of the head's: layer indices and moves) on ``h``; the moves' rows
+        come from workers bringing ``batch_sizes`` examples."""
+        first = self.program[self.first_move]
         for op in program:
             if isinstance(op, int):
-                h = head[op](h)
-            elif op is first and self.comm_dtype is not None and self.comm.world_size > 1:
-                # Autograd casts the returning gradient the same way: both directions travel in comm_dtype.
-                h = self._move(op, h.to(self.comm_dtype), batch_sizes).to(h.dtype)
-            else:
-                h = self._move(op, h, batch_sizes)
+                h = self._head[op](h)
+                continue
+            cast = op is first and self.comm_dtype is not None and self.comm.world_size > 1
+            x = h.to(self.comm_dtype) if cast else h
+            # The first move may travel in comm_dtype; autograd casts the returning gradient the same way.
+            moved = op.spec.apply(x, self.comm, batch_sizes, even_split(op.width, self.comm.world_size), op.tag)
+            h = moved.to(h.dtype)
         return h
 
     def train_step(
@@ -172,85 +172,11 @@ class HybridModel(nn.Module):
         if scheme == "a":
             with autocast():
                 logits = self(x)
-            loss = global_mean_loss(_loss_dtype(logits), y, self.world)
+            loss = global_mean_loss(loss_input(logits), y, self.world)
             loss.backward()
             self.sync_gradients()
             return loss.detach(), logits.detach()
-        return self._train_rounds(x, y, scheme, fc_batch, optimizer, autocast)
-
-    def _train_rounds(self, x, y, scheme, fc_batch, optimizer, autocast):
-        comm, K, first = self.comm, self.comm.world_size, self._first_move
-        move: Move = self.program[first]
-        self.comm.agree("local batch shape", tuple(x.shape))
-        with autocast():
-            h0 = self._run(self.program[:first], self.forward_trunk(x), [])
-        total = self.world.world_size * x.shape[0]  # the global batch: every group's rounds
-        sizes = scheme_rounds(scheme, x.shape[0], K)
-        rows = own_rows(sizes, comm.rank)
-        wire = self.comm_dtype or h0.dtype
-        sent = h0.detach().to(wire)
-
-        def issue(j: int):
-            return send_inputs(move.kind, sent[rows[j]], comm, sizes[j], move.tag)
-
-        pending = {0: issue(0)}
-        returns, logits_out = [], []
-        loss_share, snapshot, finite = 0.0, None, True
-        for j in range(K):
-            if self.overlap and j + 1 < K:
-                pending[j + 1] = issue(j + 1)  # next round's features travel while this round computes
-            inp = torch.cat(pending.pop(j).wait(), 0).to(h0.dtype).requires_grad_()
-            with autocast():
-                logits = self._run(self.program[first + 1 :], inp, sizes[j])
-            ce = F.cross_entropy(_loss_dtype(logits), y[rows[j]], reduction="sum")
-            n_j = sum(sizes[j])
-            (ce / (total if fc_batch == "full" else n_j)).backward()
-            loss_share = loss_share + ce.detach() / total
-            logits_out.append(logits.detach())
-            g = inp.grad
-            if fc_batch == "chunk":
-                # The head updates inside the step, before the trainer can check the step's loss:
-                # every round's loss is checked (all workers agree) before its update, and a bad
-                # round puts back the head as it was before the step, so the trainer's "stop before
-                # the update" / "skip the step" hold for the head too. Later rounds still run
-                # (their moves are collectives every worker must join) without updating.
-                finite = finite and self.world.all_finite(math.isfinite(ce.item()), "round_nonfinite_check")
-                if finite:
-                    snapshot = snapshot or _HeadState(self.head_parameters(), optimizer)
-                    optimizer.step()  # only the head has gradients yet: the trunk's come after the rounds
-                elif snapshot is not None:
-                    snapshot.restore()
-                    snapshot = None
-                for p in self.head_parameters():
-                    p.grad = None
-                g = g * (n_j / total)  # the trunk still sees the mean over all K·b examples
-            returns.append((j, send_grads(move.kind, g.to(wire), comm, sizes[j], move.width, move.tag + ".grad")))
-            if not self.overlap:
-                returns[-1][1].wait()
-                if j + 1 < K:
-                    pending[j + 1] = issue(j + 1)
-        grad = torch.zeros_like(h0)
-        for j, handle in returns:
-            grad[rows[j]] += grads_from(move.kind, handle.wait()).to(grad.dtype)
-        h0.backward(grad)
-        self.sync_gradients()
-        return loss_share, torch.cat(logits_out)
-
-    def _move(self, op: Move, h: torch.Tensor, batch_sizes: list[int]) -> torch.Tensor:
-        comm, fs = self.comm, even_split(op.width, self.comm.world_size)
-        if op.kind == "gather_batch":
-            return regions.gather_batch(h, comm, batch_sizes, op.tag)
-        if op.kind == "scatter_batch":
-            return regions.scatter_batch(h, comm, batch_sizes, op.tag)
-        if op.kind == "gather_features":
-            return regions.gather_features(h, comm, fs, op.tag)
-        if op.kind == "reduce_scatter_features":
-            return regions.reduce_scatter_features(h, comm, fs, op.tag)
-        if op.kind == "batch_to_features":
-            return regions.batch_to_features(h, comm, batch_sizes, fs, op.tag)
-        if op.kind == "features_to_batch":
-            return regions.features_to_batch(h, comm, batch_sizes, fs, op.tag)
-        raise ValueError(f"unknown move {op.kind!r}")
+        return train_rounds(self, x, y, scheme, fc_batch, optimizer, autocast)
 
     def sync_gradients(self) -> None:
         """Finish summing the trunk replicas' gradients (see the module docstring for why SUM).
@@ -311,29 +237,6 @@ def _copy_sharing(model: nn.Module, names: Sequence[str]) -> nn.Module:
     """A deep copy of ``model`` that shares (does not copy) the modules named in ``names``."""
     memo = {id(model.get_submodule(n)): model.get_submodule(n) for n in names}
     return copy.deepcopy(model, memo)
-
-
-class _HeadState:
-    """A copy of the head shards and their optimizer state, to put back."""
-
-    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self.params = [(p, p.detach().clone()) for p in params]
-        self.state = {p: copy.deepcopy(optimizer.state[p]) for p, _ in self.params if p in optimizer.state}
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for p, saved in self.params:
-                p.copy_(saved)
-                if p in self.state:
-                    self.optimizer.state[p] = self.state[p]
-                else:
-                    self.optimizer.state.pop(p, None)
-
-
-def _loss_dtype(t: torch.Tensor) -> torch.Tensor:
-    """Logits as the loss takes them: bf16/fp16 ones in fp32, fp32 and fp64 as they are."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def global_mean_loss(logits: torch.Tensor, target: torch.Tensor, comm: Communicator) -> torch.Tensor:

@@ -7,15 +7,21 @@ features are already in flight, and round j's feature gradients travel back to t
 while round j+1 computes: the exchange hides behind the FC work.
 
 The first move of the head (features to the shards) and its mirror (feature gradients back) are
-issued here as async operations; the moves inside the head stay inside autograd, as in (a).
+issued here as async operations — each move kind's async pair is registered with it in
+``program.py``; the moves inside the head stay inside autograd, as in (a).
 """
 
 from __future__ import annotations
 
-import torch
+import copy
+import math
+from collections.abc import Sequence
 
-from hybridpar.comm.base import Communicator, Handle, even_split
-from hybridpar.comm.regions import columns_to_rows_chunks, rows_to_columns_chunks
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridpar.parallel.program import Move, scheme_rounds
 
 
 def own_rows(sizes: list[list[int]], rank: int) -> list[slice]:
@@ -27,31 +33,109 @@ def own_rows(sizes: list[list[int]], rank: int) -> list[slice]:
     return out
 
 
-def send_inputs(kind: str, h: torch.Tensor, comm: Communicator, sizes: list[int], tag: str) -> Handle:
-    """Start moving this worker's round rows ``h`` (its ``sizes[rank]`` examples, all features)
-    to the layout the head's first layer needs: every example of the round, with all features
-    (``gather_batch``) or with this worker's feature slice (``batch_to_features``). What arrives
-    is concatenated along dim 0."""
-    K, n = comm.world_size, h.shape[1]
-    if kind == "gather_batch":
-        return comm.all_to_all_async([h] * K, [torch.Size((s, n)) for s in sizes], tag)
-    return comm.all_to_all_async(*rows_to_columns_chunks(h, comm.rank, sizes, even_split(n, K)), tag)
+def loss_input(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the loss takes them: bf16/fp16 ones in fp32, fp32 and fp64 as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def send_grads(kind: str, g: torch.Tensor, comm: Communicator, sizes: list[int], width: int, tag: str) -> Handle:
-    """Start returning the gradient of the round's head input to the examples' owners: partial
-    sums over the shards (``gather_batch``) or feature slices (``batch_to_features``)."""
-    K, r = comm.world_size, comm.rank
-    if kind == "gather_batch":
-        chunks = [c.contiguous() for c in g.split(sizes, 0)]
-        return comm.all_to_all_async(chunks, [torch.Size((sizes[r], width))] * K, tag)
-    return comm.all_to_all_async(*columns_to_rows_chunks(g, r, sizes, even_split(width, K)), tag)
+def train_rounds(model, x, y, scheme: str, fc_batch: str, optimizer, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of scheme (b) or (c) on ``model`` (a :class:`HybridModel`): forward and backward
+    of every round, the trunk's backward, the trunk's gradient sum. Returns this worker's share of
+    the global-mean loss and its examples' logits (both detached)."""
+    model.comm.agree("local batch shape", tuple(x.shape))
+    first = model.first_move
+    with autocast():
+        h0 = model.run_program(model.program[:first], model.forward_trunk(x), [])
+    loop = _Rounds(model, model.program[first], h0, scheme, fc_batch, optimizer)
+    for j in range(model.comm.world_size):
+        loop.round(j, y, autocast)
+    h0.backward(loop.input_grad())
+    model.sync_gradients()
+    return loop.loss_share, torch.cat(loop.logits)
 
 
-def grads_from(kind: str, received: list[torch.Tensor]) -> torch.Tensor:
-    if kind == "gather_batch":
-        out = received[0].clone()
-        for t in received[1:]:
-            out += t
-        return out
-    return torch.cat(received, 1)
+class _Rounds:
+    """The state of one step's rounds: features in flight, gradients on their way back."""
+
+    def __init__(self, model, move: Move, h0: torch.Tensor, scheme: str, fc_batch: str, optimizer):
+        self.model, self.move, self.h0, self.fc_batch, self.optimizer = model, move, h0, fc_batch, optimizer
+        self.comm = model.comm
+        self.total = model.world.world_size * h0.shape[0]  # the global batch: every group's rounds
+        self.sizes = scheme_rounds(scheme, h0.shape[0], self.comm.world_size)
+        self.rows = own_rows(self.sizes, self.comm.rank)
+        self.wire = model.comm_dtype or h0.dtype
+        self.sent = h0.detach().to(self.wire)
+        self.pending = {0: self._issue(0)}
+        self.returns: list[tuple[int, object]] = []
+        self.logits: list[torch.Tensor] = []
+        self.loss_share, self.snapshot, self.finite = 0.0, None, True
+
+    def _issue(self, j: int):
+        return self.move.spec.send(self.sent[self.rows[j]], self.comm, self.sizes[j], self.move.tag)
+
+    def round(self, j: int, y: torch.Tensor, autocast) -> None:
+        K, overlap = self.comm.world_size, self.model.overlap
+        if overlap and j + 1 < K:
+            self.pending[j + 1] = self._issue(j + 1)  # next round's features travel while this one computes
+        inp = torch.cat(self.pending.pop(j).wait(), 0).to(self.h0.dtype).requires_grad_()
+        with autocast():
+            logits = self.model.run_program(self.model.program[self.model.first_move + 1 :], inp, self.sizes[j])
+        ce = F.cross_entropy(loss_input(logits), y[self.rows[j]], reduction="sum")
+        n_j = sum(self.sizes[j])
+        (ce / (self.total if self.fc_batch == "full" else n_j)).backward()
+        self.loss_share = self.loss_share + ce.detach() / self.total
+        self.logits.append(logits.detach())
+        g = inp.grad
+        if self.fc_batch == "chunk":
+            self._update_head(ce)
+            g = g * (n_j / self.total)  # the trunk still sees the mean over all K·b examples
+        back = self.move.spec.send_back(
+            g.to(self.wire), self.comm, self.sizes[j], self.move.width, self.move.tag + ".grad"
+        )
+        self.returns.append((j, back))
+        if not overlap:
+            back.wait()
+            if j + 1 < K:
+                self.pending[j + 1] = self._issue(j + 1)
+
+    def _update_head(self, ce: torch.Tensor) -> None:
+        """fc_batch=chunk: the head takes a step after this round. It updates inside the step,
+        before the trainer can check the step's loss: every round's loss is checked (all workers
+        agree) before its update, and a bad round puts the head back as it was before the step,
+        so the trainer's "stop before the update" / "skip the step" hold for the head too. Later
+        rounds still run (their moves are collectives every worker must join) without updating."""
+        head = self.model.head_parameters()
+        self.finite = self.finite and self.model.world.all_finite(math.isfinite(ce.item()), "round_nonfinite_check")
+        if self.finite:
+            self.snapshot = self.snapshot or _HeadState(head, self.optimizer)
+            self.optimizer.step()  # only the head has gradients yet: the trunk's come after the rounds
+        elif self.snapshot is not None:
+            self.snapshot.restore()
+            self.snapshot = None
+        for p in head:
+            p.grad = None
+
+    def input_grad(self) -> torch.Tensor:
+        """The gradient of this worker's head input, every round's part back in its rows."""
+        grad = torch.zeros_like(self.h0)
+        for j, handle in self.returns:
+            grad[self.rows[j]] += self.move.spec.collect_back(handle.wait()).to(grad.dtype)
+        return grad
+
+
+class _HeadState:
+    """A copy of the head shards and their optimizer state, to put back."""
+
+    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [(p, p.detach().clone()) for p in params]
+        self.state = {p: copy.deepcopy(optimizer.state[p]) for p, _ in self.params if p in optimizer.state}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, saved in self.params:
+                p.copy_(saved)
+                if p in self.state:
+                    self.optimizer.state[p] = self.state[p]
+                else:
+                    self.optimizer.state.pop(p, None)

@@ -168,46 +168,54 @@ def save(
         except OSError as exc:
             error = f"cannot create {tmp}: {exc}"
     _raise_if_any(comm, error, "checkpoint")
-    name = f"worker-{comm.rank:03d}.pt"
-    try:
-        payload = _worker_payload(model, plain, optimizer, comm.rank)
-        if comm.rank == 0:
-            payload["schedule"] = dict(schedule_state)
-        torch.save(payload, tmp / name)
-        _fsync_file(tmp / name)
-        record, error = (name, (tmp / name).stat().st_size, _sha256(tmp / name)), None
-    except OSError as exc:
-        record, error = None, f"worker {comm.rank} cannot write {tmp / name}: {exc}"
-    records = comm.gather_objects((record, error))
+    payload = _worker_payload(model, plain, optimizer, comm.rank)
+    if comm.rank == 0:
+        payload["schedule"] = dict(schedule_state)
+    records = comm.gather_objects(_write_worker_file(payload, tmp, comm.rank))
     errors = [e for _, e in records if e]
     if not errors and comm.rank == 0:
+        meta = {
+            "format": FORMAT,
+            "step": position.step,
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "world_size": comm.world_size,
+            "scheme": scheme,
+            "shapes": {n: list(s) for n, s in _full_shapes(model, plain).items()},
+            "specs": {n: [s.dim, list(s.sizes)] for n, s in _specs(model).items()},
+            "files": {r[0]: {"bytes": r[1], "sha256": r[2]} for r, _ in records},
+            "config": config_yaml,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         try:
-            ref = _full_shapes(model, plain)
-            meta = {
-                "format": FORMAT,
-                "step": position.step,
-                "epoch": position.epoch,
-                "step_in_epoch": position.step_in_epoch,
-                "world_size": comm.world_size,
-                "scheme": scheme,
-                "shapes": {n: list(s) for n, s in ref.items()},
-                "specs": {n: [s.dim, list(s.sizes)] for n, s in _specs(model).items()},
-                "files": {r[0]: {"bytes": r[1], "sha256": r[2]} for r, _ in records},
-                "config": config_yaml,
-                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            _fsync_file(tmp / "meta.json")
-            _fsync_dir(tmp)
-            if final.exists():  # the same step written again (a restart); the new copy is complete
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            _prune(root, keep_last)
+            _commit(tmp, final, meta, keep_last)
         except OSError as exc:
             errors.append(f"cannot finish {final}: {exc}")
     _raise_if_any(comm, errors[0] if errors else None, "checkpoint")
     return final
+
+
+def _write_worker_file(payload: dict, tmp: Path, rank: int) -> tuple[tuple | None, str | None]:
+    """This worker's file in ``tmp``: ``((name, bytes, sha256), None)``, or ``(None, error)``."""
+    name = f"worker-{rank:03d}.pt"
+    try:
+        torch.save(payload, tmp / name)
+        _fsync_file(tmp / name)
+        return (name, (tmp / name).stat().st_size, _sha256(tmp / name)), None
+    except OSError as exc:
+        return None, f"worker {rank} cannot write {tmp / name}: {exc}"
+
+
+def _commit(tmp: Path, final: Path, meta: dict, keep_last: int | None) -> None:
+    """meta.json last, then the whole directory into place in one rename (worker 0)."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    _fsync_file(tmp / "meta.json")
+    _fsync_dir(tmp)
+    if final.exists():  # the same step written again (a restart); the new copy is complete
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    _prune(final.parent, keep_last)
 
 
 def _raise_if_any(comm: Communicator, error: str | None, what: str) -> None:
@@ -317,16 +325,7 @@ def load(
     the position and the schedule state. RNG streams are restored when the world size and scheme
     are the ones that wrote it (otherwise every worker's streams start from the seed again)."""
     path = Path(path)
-    here = _full_shapes(model, plain)
-    there = meta["shapes"]
-    for n in sorted(set(here) | set(there)):
-        if n not in there or n not in here:
-            where = "the model here" if n not in here else "the checkpoint"
-            raise CheckpointError(f"{path} was written for another model: {n} is missing from {where}")
-        if list(here[n]) != list(there[n]):
-            raise CheckpointError(
-                f"{path} was written for another model: {n} is {list(there[n])} there, {list(here[n])} here"
-            )
+    _check_shapes(path, _full_shapes(model, plain), meta["shapes"])
     full = _Full(path, meta)
     specs = _specs(model)
 
@@ -347,11 +346,29 @@ def load(
             buf = full.get(f"momentum/{names[id(p)]}")
             if buf is not None:
                 optimizer.state[p] = {"momentum_buffer": mine(names[id(p)], buf).to(p.device)}
-    own = full.files[comm.rank] if comm.rank < len(full.files) else None
     lr = full.files[0]["lr"]
     if len(lr) == len(optimizer.param_groups):
         for g, v in zip(optimizer.param_groups, lr):
             g["lr"] = v
+    _restore_rng(comm, full, meta, model, plain, scheme)
+    position = Position(meta["step"], meta["epoch"], meta["step_in_epoch"])
+    return position, full.files[0].get("schedule", {})
+
+
+def _check_shapes(path: Path, here: Mapping[str, Any], there: Mapping[str, Any]) -> None:
+    for n in sorted(set(here) | set(there)):
+        if n not in there or n not in here:
+            where = "the model here" if n not in here else "the checkpoint"
+            raise CheckpointError(f"{path} was written for another model: {n} is missing from {where}")
+        if list(here[n]) != list(there[n]):
+            raise CheckpointError(
+                f"{path} was written for another model: {n} is {list(there[n])} there, {list(here[n])} here"
+            )
+
+
+def _restore_rng(comm: Communicator, full: _Full, meta, model: nn.Module, plain: nn.Module, scheme: str) -> None:
+    """Every random stream as it was, when the world size and scheme are the ones that wrote it."""
+    own = full.files[comm.rank] if comm.rank < len(full.files) else None
     if own is not None and meta["world_size"] == comm.world_size and meta.get("scheme") == scheme:
         rng = own["rng"]
         torch.set_rng_state(rng["torch"])
@@ -368,8 +385,6 @@ def load(
             meta["world_size"],
             meta.get("scheme"),
         )
-    position = Position(meta["step"], meta["epoch"], meta["step_in_epoch"])
-    return position, full.files[0].get("schedule", {})
 
 
 def full_state_dict(path: Path) -> dict[str, torch.Tensor]:

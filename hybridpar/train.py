@@ -6,6 +6,7 @@ Every rank runs this; only rank 0 writes the config, logs, metrics and summary.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -15,10 +16,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from hybridpar import runtime
+from hybridpar.config import register
 from hybridpar.errors import HybridparError
 from hybridpar.rundir import register_resolvers
 
@@ -26,6 +30,7 @@ from hybridpar.rundir import register_resolvers
 # wheel or a Docker image finds them too.
 CONF_DIR = str(files("hybridpar.conf"))
 register_resolvers()
+register()
 
 
 def _logging(run_dir: Path, rank0: bool) -> None:
@@ -90,5 +95,37 @@ def main(cfg: DictConfig) -> None:
         print(f"run directory: {run_dir}", flush=True)
 
 
+def cli() -> None:
+    """``main`` with Hydra's composition errors (a wrong type, an unknown key or option) as one
+    line and exit code 2, like every other bad input. Hydra prints them over several lines and
+    exits 1 unless HYDRA_FULL_ERROR is set, when it raises them instead: we set it and catch.
+    A user who sets it gets Hydra's full report, as documented."""
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        return main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as exc:
+        if runtime.env_rank() == 0:
+            print(f"hybridpar: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra's message and its cause's, first lines only; a missing option keeps its list."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0].rstrip(".") if lines else type(exc).__name__
+    if isinstance(exc, MissingConfigException) and len(lines) > 1 and lines[1].startswith("Available options"):
+        options = list(itertools.takewhile(lambda line: not line.startswith("Config search path"), lines[2:]))
+        text += f" ({lines[1].rstrip(':').lower()}: {', '.join(options)})"
+    if isinstance(exc, OverrideParseException):
+        text = f"cannot parse the override {exc.override!r}: {text}"
+    if exc.__cause__ is not None:
+        text += ": " + str(exc.__cause__).strip().splitlines()[0]
+    return text
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -8,14 +8,10 @@ with evaluation on the held-out set at the end of every epoch.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
-import signal
-import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +20,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from hybridpar import checkpoint
+from hybridpar import checkpoint, faults
 from hybridpar.comm import Communicator, DistCommunicator
+from hybridpar.config import unknown_keys
 from hybridpar.data import build_datasets, eval_batches, train_loader
 from hybridpar.errors import ConfigError, HybridparError
 from hybridpar.models import build_model
 from hybridpar.models.split import split_model
 from hybridpar.optim import Schedule, learning_rates, sgd
+from hybridpar.outputs import Meter, Outputs
 from hybridpar.parallel import HybridModel
 from hybridpar.parallel.data_parallel import allreduce_gradients, ledger_allreduce_hook
 from hybridpar.parallel.head import fewest_bytes_group
@@ -62,53 +60,43 @@ class Setup:
     num_classes: int
 
 
-@dataclass
-class Meter:
-    """Per-step timings and bytes of this worker; medians go into the summary."""
-
-    step_s: list[float] = field(default_factory=list)
-    comm_s: list[float] = field(default_factory=list)
-    comm_bytes: list[int] = field(default_factory=list)
-    train_s: float = 0.0
-    images: int = 0
-
-    def median(self, name: str) -> float:
-        xs = getattr(self, name)
-        return float(statistics.median(xs)) if xs else 0.0
-
-
 def local_batch_size(data_cfg: DictConfig, world_size: int) -> int:
-    b, g = data_cfg.get("batch_size"), data_cfg.get("global_batch")
+    b, g = data_cfg.batch_size, data_cfg.global_batch
     if g is not None:
-        if not isinstance(g, int) or g < 1 or g % world_size:
+        if g < 1 or g % world_size:
             raise ConfigError(f"data.global_batch={g} cannot be split evenly over {world_size} workers")
         return g // world_size
-    if not isinstance(b, int) or b < 1:
+    if b < 1:
         raise ConfigError(f"data.batch_size must be a positive integer (images per worker), got {b!r}")
     return b
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need no data and no other worker: run on every rank before anything else."""
+    """Checks that need no data and no other worker: run on every rank before anything else.
+    (Types were checked by Hydra against ``hybridpar/config.py``; these are the keys '+' added and
+    the values.)"""
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(extra)}: no such setting (`python -m hybridpar.train --cfg job` shows them all)"
+        )
     if cfg.parallel.scheme not in SCHEMES:
         raise ConfigError(f"parallel.scheme={cfg.parallel.scheme!r} is not one of {', '.join(SCHEMES)}")
-    if cfg.parallel.get("fc_batch", "full") not in ("full", "chunk"):
+    if cfg.parallel.fc_batch not in ("full", "chunk"):
         raise ConfigError(f"parallel.fc_batch={cfg.parallel.fc_batch!r} is not one of full, chunk")
-    if cfg.parallel.get("fc_batch", "full") == "chunk" and cfg.parallel.scheme not in ("b", "c"):
+    if cfg.parallel.fc_batch == "chunk" and cfg.parallel.scheme not in ("b", "c"):
         raise ConfigError(
             f"parallel.fc_batch=chunk updates the head after each round: it needs parallel.scheme=b or c, not {cfg.parallel.scheme!r}"
         )
-    if cfg.parallel.get("comm_dtype", "fp32") not in PRECISIONS:
+    if cfg.parallel.comm_dtype not in PRECISIONS:
         raise ConfigError(f"parallel.comm_dtype={cfg.parallel.comm_dtype!r} is not one of fp32, bf16")
-    if cfg.optim.get("conv_lr_scale", "none") not in LR_SCALES:
+    if cfg.optim.conv_lr_scale not in LR_SCALES:
         raise ConfigError(f"optim.conv_lr_scale={cfg.optim.conv_lr_scale!r} is not one of {', '.join(LR_SCALES)}")
     if cfg.trainer.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if cfg.trainer.max_steps is None and not (isinstance(cfg.trainer.epochs, int) and cfg.trainer.epochs >= 1):
+    if cfg.trainer.max_steps is None and cfg.trainer.epochs < 1:
         raise ConfigError(f"trainer.epochs must be a positive integer, got {cfg.trainer.epochs!r}")
-    if cfg.trainer.max_steps is not None and not (
-        isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps >= 1
-    ):
+    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be a positive integer or null, got {cfg.trainer.max_steps!r}")
 
 
@@ -136,22 +124,22 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     b = local_batch_size(cfg.data, K)
     data = build_datasets(cfg.data)
     full = build_model(cfg.model, data.num_classes, data.in_channels, cfg.seed)
-    if cfg.model.get("init_from"):
+    if cfg.model.init_from:
         _init_from(full, cfg.model.init_from)
-    split = split_model(full, cfg.model.get("head"))
+    split = split_model(full, cfg.model.head)
 
     if cfg.parallel.scheme != "ddp":
         model = HybridModel(
             full,
             comm,
             plan=_plan(cfg.parallel.plan),
-            head=cfg.model.get("head"),
+            head=cfg.model.head,
             seed=cfg.seed,
-            comm_dtype=torch.bfloat16 if cfg.parallel.get("comm_dtype", "fp32") == "bf16" else None,
-            overlap=cfg.parallel.get("overlap", True),
-            bucket_cap=int(cfg.parallel.get("bucket_mb", 4) * 2**20 / 4),
+            comm_dtype=torch.bfloat16 if cfg.parallel.comm_dtype == "bf16" else None,
+            overlap=cfg.parallel.overlap,
+            bucket_cap=int(cfg.parallel.bucket_mb * 2**20 / 4),
             fc_group_size=_group_size(cfg, full, K, b),
-            sync_bn=bool(cfg.parallel.get("sync_bn", True)),
+            sync_bn=cfg.parallel.sync_bn,
         ).to(device)
         plain = model
     else:
@@ -164,7 +152,7 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
             model.register_comm_hook(comm, ledger_allreduce_hook)
     # The conv layers see a batch of K·b per update (the loss is the mean over it); the paper's
     # variance argument scales their rate by √K relative to the configured one, linear by K.
-    conv_lr = cfg.optim.lr * LR_SCALES[cfg.optim.get("conv_lr_scale", "none")](K)
+    conv_lr = cfg.optim.lr * LR_SCALES[cfg.optim.conv_lr_scale](K)
     groups = [
         {
             "name": "conv",
@@ -180,7 +168,7 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
         rank=comm.rank,
         world_size=K,
         seed=cfg.seed,
-        num_workers=cfg.data.get("num_workers", 0),
+        num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
     )
     _fast_path(cfg, model if cfg.parallel.scheme != "ddp" else plain, split.trunk_module_names(), device)
@@ -191,24 +179,18 @@ def _fast_path(cfg: DictConfig, model: nn.Module, trunk_names: list[str], device
     """The GPU fast path, each part switchable (all of it runs on a CPU too): channels_last for the
     trunk's convolutions, torch.compile of the trunk's modules (in place: the parameter names stay),
     cuDNN autotuning. bf16 autocast and pinned, non-blocking input copies are set elsewhere."""
-    if cfg.trainer.get("channels_last", False):
+    if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.trainer.get("compile", False):
+    if cfg.trainer.compile:
         for n in trunk_names:
             model.get_submodule(n).compile()
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = (
-            bool(cfg.trainer.get("cudnn_benchmark", True)) and not cfg.trainer.deterministic
-        )
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark and not cfg.trainer.deterministic
 
 
 def _inputs(x: torch.Tensor, device: torch.device, cfg: DictConfig) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    return (
-        x.contiguous(memory_format=torch.channels_last)
-        if cfg.trainer.get("channels_last", False) and x.dim() == 4
-        else x
-    )
+    return x.contiguous(memory_format=torch.channels_last) if cfg.trainer.channels_last and x.dim() == 4 else x
 
 
 def _init_from(model: nn.Module, path: str) -> None:
@@ -241,11 +223,11 @@ def _init_from(model: nn.Module, path: str) -> None:
 def _group_size(cfg: DictConfig, model: nn.Module, K: int, b: int) -> int | None:
     """``parallel.fc_group_size``: null (the head over all K workers), an int, or auto (the planner's
     fewest-bytes choice)."""
-    G = cfg.parallel.get("fc_group_size")
+    G = cfg.parallel.fc_group_size
     if G is None:
         return None
     if G == "auto":
-        return fewest_bytes_group(model, K, b, _plan(cfg.parallel.plan), cfg.model.get("head"))
+        return fewest_bytes_group(model, K, b, _plan(cfg.parallel.plan), cfg.model.head)
     if not isinstance(G, int) or isinstance(G, bool):
         raise ConfigError(f"parallel.fc_group_size={G!r} must be null, auto or a positive integer dividing the workers")
     return G
@@ -271,7 +253,7 @@ def evaluate(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup
         local_batch=s.local_batch,
         rank=comm.rank,
         world_size=comm.world_size,
-        num_workers=cfg.data.get("num_workers", 0),
+        num_workers=cfg.data.num_workers,
     )
     with torch.no_grad(), _autocast(device, cfg.trainer.precision):
         for x, y, valid in batches:
@@ -298,195 +280,196 @@ def evaluate(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup
 
 
 def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
-    rank0 = comm.rank == 0
-    K = comm.world_size
     if isinstance(comm, DistCommunicator):
         # torch's global generator draws DDP's dropout masks; one stream per rank. (The hybrid
         # draws from per-worker generators and needs none; emulated workers share this one.)
         torch.manual_seed(cfg.seed * 1_000_003 + comm.rank)
     s = _agreed(comm, lambda: setup(comm, device, cfg))
-    steps_per_epoch = len(s.loader)
-    total = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
-    schedule = Schedule(s.optimizer, cfg.optim, steps_per_epoch, total)
-    hybrid = cfg.parallel.scheme != "ddp"
-    ck = cfg.get("checkpoint") or {}
-    ckpt_root = Path(ck.get("dir") or run_dir / "checkpoints")
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    start = _agreed(comm, lambda: _resume(comm, cfg, ckpt_root, s, schedule))
-    fault = _fault(comm)
-    emulated_ddp = not hybrid and not isinstance(s.model, nn.parallel.DistributedDataParallel) and K > 1
+    run = _Run(comm, device, cfg, run_dir, s)
+    start = _agreed(comm, run.resume)
+    step_fn, meter, K = _step_function(comm, device, cfg, s), Meter(), comm.world_size
+    with Outputs(cfg, run_dir, run.total, comm.rank) as out:
+        run.announce()
+        for step, epoch, x, y in faults.inject(_batches(s.loader, start, run.total), comm.rank):
+            comm.ledger.reset()
+            t0 = time.perf_counter()
+            x, y = _inputs(x, device, cfg), y.to(device, non_blocking=True)
+            s.optimizer.zero_grad(set_to_none=True)
+            loss = step_fn(x, y).item()  # this worker's share of the global mean; one host sync per step
+            comm_s, comm_bytes = comm.ledger.seconds, comm.ledger.sent  # the step's traffic, not the vote's
+            if run.update_allowed(loss, step, epoch):  # every worker the same verdict: all update, or none
+                s.optimizer.step()
+            run.schedule.after_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            meter.add(time.perf_counter() - t0, comm_s, comm_bytes, x.shape[0] * K, loss)
+            run.after_step(step, epoch, meter, out, x.shape[0] * K)  # log, evaluate, checkpoint: each on its cadence
+        summary = run.summary(start, meter)
+    out.finish(summary)
+    return summary if comm.rank == 0 else None
 
-    run = _wandb_run(cfg, run_dir) if rank0 else None
-    bar = _progress(cfg, total) if rank0 else None
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if rank0 else None
-    meter = Meter()
-    loss_sum, loss_n, train_loss, last_val = 0.0, 0, float("nan"), {}
+
+def _batches(loader, start: checkpoint.Position | None, total: int):
+    """``(step, epoch, x, y)`` for steps 1, 2, ... up to ``total``, epoch after epoch; a resumed
+    run starts after its checkpoint's step, mid-epoch where it left off."""
     step, epoch, skip = (start.step, start.epoch, start.step_in_epoch) if start else (0, 0, 0)
-    skipped_steps, saved_at = 0, step if start else None
+    while step < total:
+        loader.start_epoch(epoch, skip)  # the batches before ``skip`` were trained on before the checkpoint
+        for x, y in loader:
+            step += 1
+            yield step, epoch, x, y
+            if step >= total:
+                return
+        epoch, skip = epoch + 1, 0
 
-    def save() -> None:
-        nonlocal saved_at
-        position = checkpoint.Position(step, step // steps_per_epoch, step % steps_per_epoch)
-        path = checkpoint.save(
-            comm,
-            ckpt_root,
-            model=s.model if hybrid else s.plain,
-            plain=s.plain,
-            optimizer=s.optimizer,
-            position=position,
-            schedule_state=schedule.state_dict(),
-            scheme=cfg.parallel.scheme,
-            config_yaml=config_yaml,
-            keep_last=ck.get("keep_last"),
+
+def _step_function(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup):
+    """``(x, y) -> loss``: forward, backward and gradient sync of one step of the configured scheme,
+    the loss as this worker's share of the global-batch mean (so shares add up on every scheme)."""
+
+    def autocast():
+        return _autocast(device, cfg.trainer.precision)
+
+    if isinstance(s.model, HybridModel):
+        fc_batch = cfg.parallel.fc_batch
+        # Trunk gradients are summed; with fc_batch=chunk the head updates after every round.
+        return lambda x, y: s.model.train_step(
+            x, y, scheme=cfg.parallel.scheme, fc_batch=fc_batch, optimizer=s.optimizer, autocast=autocast
+        )[0]
+    emulated = not isinstance(s.model, nn.parallel.DistributedDataParallel) and comm.world_size > 1
+
+    def ddp_step(x, y):  # DDP: the local mean, gradients averaged (emulated workers average by hand)
+        with autocast():
+            logits = s.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        if emulated:
+            _average_gradients(s.plain, comm)
+        return loss.detach() / comm.world_size
+
+    return ddp_step
+
+
+class _Run:
+    """Everything around the step: the schedule, checkpoints, the non-finite policy, the cadence
+    of logging, evaluation and checkpoints, and the summary."""
+
+    def __init__(self, comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path, s: Setup):
+        self.comm, self.device, self.cfg, self.s = comm, device, cfg, s
+        self.steps_per_epoch = len(s.loader)
+        self.total = cfg.trainer.max_steps or cfg.trainer.epochs * self.steps_per_epoch
+        self.schedule = Schedule(s.optimizer, cfg.optim, self.steps_per_epoch, self.total)
+        self.ck = cfg.checkpoint
+        self.ckpt_root = Path(self.ck.dir or run_dir / "checkpoints")
+        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        self.saved_at: int | None = None
+        self.skipped, self.train_loss, self.last_val = 0, float("nan"), {}
+
+    def resume(self) -> checkpoint.Position | None:
+        start = _resume(self.comm, self.cfg, self.ckpt_root, self.s, self.schedule)
+        self.saved_at = start.step if start else None
+        return start
+
+    def announce(self) -> None:
+        log.info(
+            "world size %d (%s), scheme %s, %d images per worker, %d steps per epoch, %d steps",
+            self.comm.world_size,
+            "emulated" if not isinstance(self.comm, DistCommunicator) else "torch.distributed",
+            self.cfg.parallel.scheme,
+            self.s.local_batch,
+            self.steps_per_epoch,
+            self.total,
         )
-        saved_at = step
-        if rank0:
+
+    def update_allowed(self, loss: float, step: int, epoch: int) -> bool:
+        """Whether every worker's loss is finite (one tiny collective); if not, stop before the
+        update (one line naming the step) or, with trainer.skip_nonfinite, skip it."""
+        if self.comm.all_finite(math.isfinite(loss)):
+            return True
+        if not self.cfg.trainer.skip_nonfinite:
+            last = f"step {self.saved_at}" if self.saved_at is not None else "none written yet"
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step} (epoch {epoch}); stopped before the update "
+                f"(last checkpoint: {last}, intact); trainer.skip_nonfinite=true skips such steps"
+            )
+        if self.comm.rank == 0:
+            log.warning("step %d: non-finite loss, step skipped (no update)", step)
+        self.s.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        return False
+
+    def after_step(self, step: int, epoch: int, meter: Meter, out: Outputs, images: int) -> None:
+        every_eval, every_ck = self.cfg.trainer.eval_every_steps, self.ck.every_steps
+        logged = step % self.cfg.trainer.log_every_steps == 0 or step == self.total
+        if logged:
+            self.train_loss = _global_mean(self.comm, meter.loss_sum, meter.loss_n)
+            meter.loss_sum, meter.loss_n = 0.0, 0
+            lrs = {f"lr/{name}": lr for name, lr in learning_rates(self.s.optimizer).items()}
+            out.emit({"step": step, "epoch": epoch, "train/loss": self.train_loss, **meter.last_step(images), **lrs})
+        out.stepped(self.train_loss if logged else None)
+        if (every_eval and step % every_eval == 0) or step % self.steps_per_epoch == 0 or step == self.total:
+            self.evaluate(step, epoch, out)
+        if (every_ck and step % every_ck == 0) or step >= self.total:
+            self.save(step)
+
+    def evaluate(self, step: int, epoch: int, out: Outputs) -> None:
+        self.last_val = evaluate(self.comm, self.device, self.cfg, self.s)
+        self.schedule.after_eval(self.last_val)
+        out.emit({"step": step, "epoch": epoch, **{f"val/{k[4:]}": v for k, v in self.last_val.items()}})
+        if self.comm.rank == 0:
+            v = self.last_val
+            log.info(
+                "step %d epoch %d: train loss %.4f, held-out top-1 %.4f top-5 %.4f",
+                *(step, epoch, self.train_loss, v["val_top1"], v["val_top5"]),
+            )
+
+    def save(self, step: int) -> None:
+        position = checkpoint.Position(step, step // self.steps_per_epoch, step % self.steps_per_epoch)
+        hybrid = isinstance(self.s.model, HybridModel)
+        path = checkpoint.save(
+            self.comm,
+            self.ckpt_root,
+            model=self.s.model if hybrid else self.s.plain,
+            plain=self.s.plain,
+            optimizer=self.s.optimizer,
+            position=position,
+            schedule_state=self.schedule.state_dict(),
+            scheme=self.cfg.parallel.scheme,
+            config_yaml=self.config_yaml,
+            keep_last=self.ck.keep_last,
+        )
+        self.saved_at = step
+        if self.comm.rank == 0:
             log.info("step %d: checkpoint %s", step, path)
 
-    log.info(
-        "world size %d (%s), scheme %s, %d images per worker, %d steps per epoch, %d steps",
-        K,
-        "emulated" if not isinstance(comm, DistCommunicator) else "torch.distributed",
-        cfg.parallel.scheme,
-        s.local_batch,
-        steps_per_epoch,
-        total,
-    )
-
-    def emit(record: dict[str, Any]) -> None:
-        if not rank0:
-            return
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if run is not None:
-            run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    try:
-        while step < total:
-            # Resumed mid-epoch: the batches before ``skip`` were trained on before the checkpoint.
-            s.loader.start_epoch(epoch, skip)
-            for x, y in s.loader:
-                comm.ledger.reset()
-                if fault.get("nan") == step + 1 and comm.rank == 0:
-                    x = x.clone().fill_(float("nan"))
-                t0 = time.perf_counter()
-                x, y = _inputs(x, device, cfg), y.to(device, non_blocking=True)
-                s.optimizer.zero_grad(set_to_none=True)
-                if hybrid:
-                    # This worker's share of the global-batch mean; trunk gradients are summed.
-                    loss, _ = s.model.train_step(
-                        x,
-                        y,
-                        scheme=cfg.parallel.scheme,
-                        fc_batch=cfg.parallel.get("fc_batch", "full"),
-                        optimizer=s.optimizer,
-                        autocast=lambda: _autocast(device, cfg.trainer.precision),
-                    )
-                else:
-                    # DDP: the local mean; gradients averaged.
-                    with _autocast(device, cfg.trainer.precision):
-                        logits = s.model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    loss.backward()
-                    if emulated_ddp:
-                        _average_gradients(s.plain, comm)
-                step_comm_s, step_bytes = comm.ledger.seconds, comm.ledger.sent
-                loss_value = loss.item()  # one host sync per step, read by the check and the log
-                if not comm.all_finite(math.isfinite(loss_value)):
-                    # Every worker sees the same verdict (one tiny all-reduce), so all skip or all stop.
-                    if not cfg.trainer.get("skip_nonfinite", False):
-                        last = f"step {saved_at}" if saved_at is not None else "none written yet"
-                        raise NonFiniteLoss(
-                            f"non-finite loss at step {step + 1} (epoch {epoch}); stopped before the update "
-                            f"(last checkpoint: {last}, intact); trainer.skip_nonfinite=true skips such steps"
-                        )
-                    if rank0:
-                        log.warning("step %d: non-finite loss, step skipped (no update)", step + 1)
-                    s.optimizer.zero_grad(set_to_none=True)
-                    skipped_steps += 1
-                else:
-                    s.optimizer.step()
-                schedule.after_step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                dt = time.perf_counter() - t0
-                meter.step_s.append(dt)
-                meter.comm_s.append(step_comm_s)
-                meter.comm_bytes.append(step_bytes)
-                meter.train_s += dt
-                meter.images += x.shape[0] * K
-                if math.isfinite(loss_value):
-                    loss_sum += loss_value
-                    loss_n += 1
-                step += 1
-                if fault.get("kill") == step:
-                    os.kill(os.getpid(), signal.SIGKILL)  # fault injection (HYBRIDPAR_FAULT), tests only
-                if bar is not None:
-                    bar.update(1)
-
-                if step % cfg.trainer.log_every_steps == 0 or step == total:
-                    train_loss = _global_mean(comm, loss_sum, loss_n, hybrid)
-                    loss_sum, loss_n = 0.0, 0
-                    record = {
-                        "step": step,
-                        "epoch": epoch,
-                        "train/loss": train_loss,
-                        "perf/step_s": dt,
-                        "perf/comm_s": meter.comm_s[-1],
-                        "perf/compute_s": max(0.0, dt - meter.comm_s[-1]),
-                        "perf/images_per_s": x.shape[0] * K / dt,
-                        "perf/comm_bytes": meter.comm_bytes[-1],
-                    }
-                    record |= {f"lr/{name}": lr for name, lr in learning_rates(s.optimizer).items()}
-                    emit(record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
-                every = cfg.trainer.eval_every_steps
-                epoch_end = step % steps_per_epoch == 0
-                if (every and step % every == 0) or epoch_end or step == total:
-                    last_val = evaluate(comm, device, cfg, s)
-                    schedule.after_eval(last_val)
-                    emit({"step": step, "epoch": epoch, **{f"val/{k[4:]}": v for k, v in last_val.items()}})
-                    if rank0:
-                        log.info(
-                            "step %d epoch %d: train loss %.4f, held-out top-1 %.4f top-5 %.4f",
-                            step,
-                            epoch,
-                            train_loss,
-                            last_val["val_top1"],
-                            last_val["val_top5"],
-                        )
-                ck_every = ck.get("every_steps")
-                if (ck_every and step % ck_every == 0) or step >= total:
-                    save()
-                if step >= total:
-                    break
-            epoch, skip = epoch + 1, 0
-        if not last_val:  # resumed from the run's final checkpoint: nothing left to train
-            last_val = evaluate(comm, device, cfg, s)
+    def summary(self, start: checkpoint.Position | None, meter: Meter) -> dict[str, Any]:
+        steps = start.step if start else 0
+        steps += len(meter.step_s)
+        if not self.last_val:  # resumed from the run's final checkpoint: nothing left to train
+            self.last_val = evaluate(self.comm, self.device, self.cfg, self.s)
         # Training images whose file could not be read (each replaced by a readable one), all workers.
-        unreadable = torch.tensor([float(getattr(s.loader, "skipped", 0))], dtype=torch.float64)
-        unreadable = int((comm.all_reduce(unreadable, tag="metrics") if K > 1 else unreadable).item())
-        if unreadable and rank0:
+        unreadable = torch.tensor([float(getattr(self.s.loader, "skipped", 0))], dtype=torch.float64)
+        K = self.comm.world_size
+        unreadable = int((self.comm.all_reduce(unreadable, tag="metrics") if K > 1 else unreadable).item())
+        if unreadable and self.comm.rank == 0:
             log.warning("%d training images could not be read and were replaced (listed above)", unreadable)
-    finally:
-        if bar is not None:
-            bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        return _summary(self, start, meter, steps, unreadable)
 
-    summary = {
-        "val_top1": last_val.get("val_top1"),
-        "val_top5": last_val.get("val_top5"),
-        "val_loss": last_val.get("val_loss"),
-        "train_loss": train_loss,
-        "steps": step,
-        "epochs": step / steps_per_epoch,
+
+def _summary(run: _Run, start, meter: Meter, steps: int, unreadable: int) -> dict[str, Any]:
+    cfg, s, K, val = run.cfg, run.s, run.comm.world_size, run.last_val
+    return {
+        "val_top1": val.get("val_top1"),
+        "val_top5": val.get("val_top5"),
+        "val_loss": val.get("val_loss"),
+        "train_loss": run.train_loss,
+        "steps": steps,
+        "epochs": steps / run.steps_per_epoch,
         "world_size": K,
         "scheme": cfg.parallel.scheme,
-        "fc_group_size": s.model.comm.world_size if hybrid else None,
-        "emulated": not isinstance(comm, DistCommunicator),
-        "device": str(device),
+        "fc_group_size": s.model.comm.world_size if isinstance(s.model, HybridModel) else None,
+        "emulated": not isinstance(run.comm, DistCommunicator),
+        "device": str(run.device),
         "precision": cfg.trainer.precision,
         "local_batch": s.local_batch,
         "global_batch": s.local_batch * K,
@@ -497,15 +480,11 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
         "comm_bytes_per_step": int(meter.median("comm_bytes")),
         "lr": learning_rates(s.optimizer),
         "resumed_from_step": start.step if start else None,
-        "skipped_nonfinite_steps": skipped_steps,
+        "skipped_nonfinite_steps": run.skipped,
         "unreadable_train_images": unreadable,
-        "unreadable_val_images": last_val.get("val_unreadable", 0),
-        "checkpoint": str(ckpt_root / f"step-{saved_at:08d}") if saved_at else None,
+        "unreadable_val_images": val.get("val_unreadable", 0),
+        "checkpoint": str(run.ckpt_root / f"step-{run.saved_at:08d}") if run.saved_at else None,
     }
-    if run is not None:
-        run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        run.finish()
-    return summary if rank0 else None
 
 
 def _resume(
@@ -513,7 +492,7 @@ def _resume(
 ) -> checkpoint.Position | None:
     """Find the checkpoint to continue from (``checkpoint.resume``: auto | none | a path) and load
     it. Worker 0 chooses and tells the others, so all load the same one."""
-    choice = str((cfg.get("checkpoint") or {}).get("resume", "none") or "none")
+    choice = cfg.checkpoint.resume
     found, error = None, None
     if comm.rank == 0:
         try:
@@ -550,23 +529,6 @@ def _resume(
     return position
 
 
-def _fault(comm: Communicator) -> dict[str, int]:
-    """Fault injection for the reliability tests: ``HYBRIDPAR_FAULT="kill@7:1,nan@3"`` SIGKILLs
-    worker 1's process after step 7 (first attempt only, not after a torchrun restart) and feeds
-    NaN images at step 3. Unset in normal use."""
-    spec = os.environ.get("HYBRIDPAR_FAULT", "")
-    out: dict[str, int] = {}
-    for item in filter(None, spec.split(",")):
-        what, _, rest = item.partition("@")
-        at, _, rank = rest.partition(":")
-        if what == "kill" and (
-            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or (rank and int(rank) != comm.rank)
-        ):
-            continue
-        out[what] = int(at)
-    return out
-
-
 def _average_gradients(model: nn.Module, comm: Communicator) -> None:
     # DDP's semantics for emulated workers: the mean of the replicas' gradients.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -575,37 +537,10 @@ def _average_gradients(model: nn.Module, comm: Communicator) -> None:
         p.grad.div_(comm.world_size)
 
 
-def _global_mean(comm: Communicator, loss_sum: float, n: int, hybrid: bool) -> float:
-    """The training loss over the global batch, averaged over the last ``n`` steps."""
+def _global_mean(comm: Communicator, loss_sum: float, n: int) -> float:
+    """The training loss over the global batch, averaged over the last ``n`` steps: every worker
+    holds its shares of the global means, which add up over the workers."""
     t = torch.tensor([loss_sum], dtype=torch.float64)
     if comm.world_size > 1:
         t = comm.all_reduce(t, tag="metrics")
-    # Hybrid workers hold shares that add up to the global mean; DDP workers hold local means.
-    total = t.item() if hybrid else t.item() / comm.world_size
-    return total / max(1, n)
-
-
-def _wandb_run(cfg: DictConfig, run_dir: Path):
-    if cfg.logger.name != "wandb":
-        return None
-    import wandb
-
-    from hybridpar.rundir import sweep_group
-
-    return wandb.init(
-        project=cfg.logger.project,
-        dir=str(run_dir),
-        mode=cfg.logger.mode,
-        name=run_dir.name,
-        group=sweep_group(run_dir),
-        job_type=f"scheme-{cfg.parallel.scheme}",
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-
-
-def _progress(cfg: DictConfig, total: int):
-    if not cfg.trainer.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, leave=False)
+    return t.item() / max(1, n)

@@ -61,18 +61,17 @@ def test_the_fast_path_is_applied_to_the_trunk():
     """The equal-weights tests above would also pass if the switches did nothing: check the effect."""
     from omegaconf import OmegaConf
 
+    from hybridpar.config import TrainerConfig
     from hybridpar.models import alexnet_small
     from hybridpar.trainer import _fast_path, _inputs
 
-    cfg = OmegaConf.create({"trainer": {"channels_last": True, "compile": True, "deterministic": False}})
+    cfg = OmegaConf.create({"trainer": TrainerConfig(channels_last=True, compile=True)})
     model = alexnet_small(10, 0.0, in_channels=3, channels=(8, 16, 24, 16, 16), hidden=32)
     _fast_path(cfg, model, ["features", "avgpool"], torch.device("cpu"))
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert model.features._compiled_call_impl is not None and model.classifier._compiled_call_impl is None
     assert _inputs(torch.randn(2, 3, 8, 8), torch.device("cpu"), cfg).is_contiguous(memory_format=torch.channels_last)
     plain = alexnet_small(10, 0.0, in_channels=3, channels=(8, 16, 24, 16, 16), hidden=32)
-    _fast_path(
-        OmegaConf.create({"trainer": {"deterministic": False}}), plain, ["features", "avgpool"], torch.device("cpu")
-    )
+    _fast_path(OmegaConf.create({"trainer": TrainerConfig()}), plain, ["features", "avgpool"], torch.device("cpu"))
     assert not plain.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.features._compiled_call_impl is None

@@ -1,0 +1,38 @@
+"""Fault injection for the reliability tests, kept out of the training loop's reading path.
+
+``HYBRIDPAR_FAULT="kill@7:1,nan@3"`` SIGKILLs worker 1's process after step 7, before step 8
+starts (first attempt only, not after a torchrun restart), and feeds worker 0 NaN images at
+step 3. Unset in normal use: :func:`inject` then hands the batches through untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import torch
+
+
+def plan(rank: int) -> dict[str, int]:
+    spec = os.environ.get("HYBRIDPAR_FAULT", "")
+    out: dict[str, int] = {}
+    for item in filter(None, spec.split(",")):
+        what, _, rest = item.partition("@")
+        at, _, on = rest.partition(":")
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if what == "kill" and (restarted or (on and int(on) != rank)):
+            continue
+        out[what] = int(at)
+    return out
+
+
+def inject(batches: Iterator[tuple[int, int, torch.Tensor, torch.Tensor]], rank: int):
+    """The ``(step, epoch, x, y)`` batches, with the faults of ``HYBRIDPAR_FAULT`` applied."""
+    faults = plan(rank)
+    for step, epoch, x, y in batches:
+        if faults.get("kill") == step - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if faults.get("nan") == step and rank == 0:
+            x = x.clone().fill_(float("nan"))
+        yield step, epoch, x, y

@@ -33,8 +33,12 @@ from hybridpar.parallel import HybridModel
 from hybridpar.parallel.cost import allreduce_bytes, ddp_step_bytes
 
 
-def run(comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int) -> dict[str, float]:
-    model = HybridModel(build_seeded(lambda: alexnet(1000, dropout=0.0), 0), comm, overlap=overlap)
+def run(
+    comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int, trunk_sync: str = "bucketed"
+) -> dict[str, float]:
+    model = HybridModel(
+        build_seeded(lambda: alexnet(1000, dropout=0.0), 0), comm, overlap=overlap, trunk_sync=trunk_sync
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
     x, y = torch.randn(b, 3, 224, 224, generator=g), torch.randint(0, 1000, (b,), generator=g)
@@ -157,12 +161,36 @@ def trunk_sync_times(comm, n: int, reps: int = 7) -> dict[str, float]:
     return out
 
 
+def _row(comm, args, scheme: str, trunk_sync: str, serial: dict, pred, profile, link) -> dict:
+    """One table row: ``scheme`` overlapped with ``trunk_sync``, next to its serialised run."""
+    overlapped = run(comm, scheme, True, args.batch, args.steps, args.warmup, trunk_sync)
+    return {
+        "scheme": scheme if trunk_sync == "bucketed" else f"{scheme}/{trunk_sync}",
+        "step": overlapped["step"],
+        "serial": serial["step"],
+        "compute": serial["step"] - serial["comm"],
+        "comm": serial["comm"],
+        "exposed": overlapped["comm"],
+        "bytes": overlapped["bytes"],
+        "wire": overlapped["wire"],
+        "hidden": (serial["step"] - overlapped["step"]) / serial["comm"] if serial["comm"] > 0 else 0.0,
+        "predicted": pred.step_s,
+        "predicted_compute": pred.compute_s,
+        "predicted_serial": costmodel.step_time(
+            profile, link, scheme, comm.world_size, args.batch, overlap=False
+        ).step_s,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--schemes", default="a,b,c", help="comma list of a, b, c, ddp")
+    ap.add_argument(
+        "--trunk-sync", default="bucketed", help="comma list of bucketed, pipelined: each hybrid scheme runs with each"
+    )
     ap.add_argument("--rate", default="", help="the link's nominal rate (recorded only), e.g. 1gbit")
     ap.add_argument("--json", help="append the results as one JSON line to this file (rank 0)")
     ap.add_argument("--calibrate-only", action="store_true", help="measure the link, print it as JSON, stop")
@@ -208,25 +236,8 @@ def main() -> None:
             )
             continue
         serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
-        overlapped = run(comm, scheme, True, args.batch, args.steps, args.warmup)
-        rows.append(
-            {
-                "scheme": scheme,
-                "step": overlapped["step"],
-                "serial": serial["step"],
-                "compute": serial["step"] - serial["comm"],
-                "comm": serial["comm"],
-                "exposed": overlapped["comm"],
-                "bytes": overlapped["bytes"],
-                "wire": overlapped["wire"],
-                "hidden": (serial["step"] - overlapped["step"]) / serial["comm"] if serial["comm"] > 0 else 0.0,
-                "predicted": pred.step_s,
-                "predicted_compute": pred.compute_s,
-                "predicted_serial": costmodel.step_time(
-                    profile, link, scheme, comm.world_size, args.batch, overlap=False
-                ).step_s,
-            }
-        )
+        for trunk_sync in args.trunk_sync.split(","):
+            rows.append(_row(comm, args, scheme, trunk_sync, serial, pred, profile, link))
     sync = trunk_sync_times(comm, sum(p.numel() for p in alexnet(1000).features.parameters()))
     if comm.rank == 0:
         print(

@@ -119,6 +119,7 @@ class ParallelConfig:
     comm_dtype: str = "fp32"  # fp32 | bf16
     overlap: bool = True
     bucket_mb: float = TRUNK_BUCKET_ELEMENTS * 4 / 2**20  # trunk gradient buckets, MB of fp32
+    trunk_sync: str = "bucketed"  # bucketed | pipelined
     emulate: int = 1
     sync_bn: bool = True
     fc_group_size: Any = None  # null | G | auto

@@ -32,6 +32,7 @@ from hybridpar.outputs import Meter, Outputs
 from hybridpar.parallel import HybridModel
 from hybridpar.parallel.data_parallel import allreduce_gradients, ledger_allreduce_hook
 from hybridpar.parallel.head import fewest_bytes_group
+from hybridpar.parallel.hybrid import TRUNK_SYNCS
 from hybridpar.parallel.program import SCHEMES as HYBRID_SCHEMES
 
 log = logging.getLogger("hybridpar")
@@ -88,6 +89,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"parallel.fc_batch=chunk updates the head after each round: it needs parallel.scheme=b or c, not {cfg.parallel.scheme!r}"
         )
+    if cfg.parallel.trunk_sync not in TRUNK_SYNCS:
+        raise ConfigError(f"parallel.trunk_sync={cfg.parallel.trunk_sync!r} is not one of {', '.join(TRUNK_SYNCS)}")
     if cfg.parallel.comm_dtype not in PRECISIONS:
         raise ConfigError(f"parallel.comm_dtype={cfg.parallel.comm_dtype!r} is not one of fp32, bf16")
     if cfg.optim.conv_lr_scale not in LR_SCALES:
@@ -140,6 +143,7 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
             bucket_cap=int(cfg.parallel.bucket_mb * 2**20 / 4),
             fc_group_size=_group_size(cfg, full, K, b),
             sync_bn=cfg.parallel.sync_bn,
+            trunk_sync=cfg.parallel.trunk_sync,
         ).to(device)
         plain = model
     else:
@@ -426,6 +430,8 @@ class _Run:
     def save(self, step: int) -> None:
         position = checkpoint.Position(step, step // self.steps_per_epoch, step % self.steps_per_epoch)
         hybrid = isinstance(self.s.model, HybridModel)
+        if hybrid:
+            self.s.model.flush()  # the weights and momenta of the step just taken, all of them
         path = checkpoint.save(
             self.comm,
             self.ckpt_root,

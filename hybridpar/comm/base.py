@@ -163,6 +163,15 @@ class Communicator(ABC):
         self.ledger.record("agree", what, (self.world_size - 1) * e, (self.world_size - 1) * e)
         return all(int(r[0]) == 1 for r in self._timed(self._gather_ints, t))
 
+    def max_int(self, value: int, what: str) -> int:
+        """The largest ``value`` over the workers (one tiny all-gather; every worker gets it)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        e = t.element_size()
+        self.ledger.record("agree", what, (self.world_size - 1) * e, (self.world_size - 1) * e)
+        return max(int(r[0]) for r in self._timed(self._gather_ints, t))
+
     def gather_objects(self, obj: object) -> list:
         """Every worker's picklable ``obj``, in rank order (setup-time control messages, e.g. errors).
 
@@ -241,6 +250,11 @@ class Handle:
     def __init__(self, comm: Communicator, finish):
         self._comm, self._finish, self._result, self._done = comm, finish, None, False
         self._what = comm._last_entry()  # named in the error if a peer is lost while it runs
+
+    def ready(self) -> bool:
+        """Whether ``wait()`` would return at once. A backend that moves the data inside
+        ``wait()`` (the emulation) is never ready before it."""
+        return self._done or bool(getattr(self._finish, "ready", lambda: False)())
 
     def wait(self):
         if not self._done:

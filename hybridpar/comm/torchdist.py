@@ -86,6 +86,7 @@ class DistCommunicator(Communicator):
             work.wait()
             return [p.view(s) for p, s in zip(out.split(recv_counts), recv_shapes)]
 
+        finish.ready = work.is_completed
         return finish
 
     def _all_reduce_async(self, x):
@@ -96,6 +97,7 @@ class DistCommunicator(Communicator):
             work.wait()
             return y
 
+        finish.ready = work.is_completed
         return finish
 
     def _all_reduce(self, x):

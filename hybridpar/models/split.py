@@ -177,14 +177,33 @@ class Split:
 
 class TrunkRunner:
     """Runs the traced trunk graph of the root's current mode; modules are looked up in the root
-    at every call, so a module replaced or compiled in place afterwards is the one that runs."""
+    at every call, so a module replaced or compiled in place afterwards is the one that runs.
+    ``before``, if set, is called with a module's or attribute's name right before the graph
+    first uses it (the pipelined trunk sync applies that layer's pending update there)."""
 
     def __init__(self, root: nn.Module, graphs: dict[bool, fx.Graph]):
         self.root = root
-        self.interpreters = {mode: fx.Interpreter(root, graph=g) for mode, g in graphs.items()}
+        self.before: Callable[[str], None] | None = None
+        self.interpreters = {mode: _Interpreter(self, root, g) for mode, g in graphs.items()}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.interpreters[self.root.training].run(x)
+
+    def owners(self, training: bool = True) -> list[str]:
+        """The names the graph's ``call_module`` and ``get_attr`` nodes use, in the order it runs them."""
+        graph = self.interpreters[training].graph
+        return list(dict.fromkeys(str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")))
+
+
+class _Interpreter(fx.Interpreter):
+    def __init__(self, runner: TrunkRunner, root: nn.Module, graph: fx.Graph):
+        super().__init__(root, graph=graph)
+        self.runner = runner
+
+    def run_node(self, n: fx.Node):
+        if self.runner.before is not None and n.op in ("call_module", "get_attr"):
+            self.runner.before(str(n.target))
+        return super().run_node(n)
 
 
 def split_model(model: nn.Module, head: str | None = None) -> Split:

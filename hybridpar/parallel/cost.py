@@ -13,7 +13,8 @@ batch_to_features / back (all-to-all) b·(n + (K-2)·s_k)         2(K-1)·b·n /
 trunk gradient all-reduce, P params P + (K-2)·c_k               2(K-1)·P / K
 ==================================  =========================  ===========================
 
-plus one 9-int64 shape agreement per step ((K-1)·72 bytes). DDP over the whole model moves
+plus one 9-int64 shape agreement per step ((K-1)·72 bytes), and with ``trunk_sync=pipelined``
+one int64 more (how far the backward got, agreed at its end). DDP over the whole model moves
 the all-reduce of all parameters. Which moves a head runs, and each move's element count, are
 the step program's (``program.py``); this module only adds them up.
 """
@@ -51,16 +52,25 @@ def allreduce_steps(K: int) -> int:
 
 
 def hybrid_step_bytes(
-    widths, styles, trunk_params, b: int, K: int, rank: int, itemsize: int = 4, scheme: str = "a"
+    widths,
+    styles,
+    trunk_params,
+    b: int,
+    K: int,
+    rank: int,
+    itemsize: int = 4,
+    scheme: str = "a",
+    trunk_sync: str = "bucketed",
 ) -> int:
     """Bytes worker ``rank`` sends (= receives) in one hybrid step: head moves, the trunk
-    gradient all-reduce (``trunk_params``: a count, or the bucket sizes) and the batch-shape agreement."""
+    gradient all-reduce (``trunk_params``: a count, or the bucket / partition sizes) and the
+    batch-shape agreement; ``trunk_sync="pipelined"`` adds its end-of-backward agreement (one int64)."""
     if K == 1:
         return 0
     return (
         head_bytes(widths, styles, b, K, rank, itemsize, scheme)
         + allreduce_bytes(trunk_params, K, rank, itemsize)
-        + (K - 1) * AGREE_BYTES_PER_PEER
+        + (K - 1) * (AGREE_BYTES_PER_PEER + (AGREE_ITEMSIZE if trunk_sync == "pipelined" else 0))
     )
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,6 +36,9 @@ from hybridpar.parallel.linear import ShardSpec
 from hybridpar.parallel.program import Move
 from hybridpar.parallel.rounds import loss_input, train_rounds
 from hybridpar.parallel.sync_bn import sync_batch_norms
+from hybridpar.parallel.trunk_pipeline import PARTITION_ELEMENTS, WINDOW, PipelinedTrunkSync
+
+TRUNK_SYNCS = ("bucketed", "pipelined")
 
 
 class HybridModel(nn.Module):
@@ -53,6 +58,8 @@ class HybridModel(nn.Module):
         bucket_cap: int = TRUNK_BUCKET_ELEMENTS,
         fc_group_size: int | None = None,
         sync_bn: bool = True,
+        trunk_sync: str = "bucketed",
+        partition_cap: int = PARTITION_ELEMENTS,
     ):
         super().__init__()
         K = comm.world_size
@@ -69,8 +76,11 @@ class HybridModel(nn.Module):
         # the activation bytes; every accumulation stays in the compute dtype.
         self.comm_dtype = comm_dtype
         self.overlap = overlap
+        if trunk_sync not in TRUNK_SYNCS:
+            raise ShardingError(f"trunk_sync={trunk_sync!r} is not one of {', '.join(TRUNK_SYNCS)}")
         with MODEL_LOCK:  # tracing and cutting a model shared by emulated workers: one at a time
             self._build(model, plan, head, seed, bucket_cap, overlap, sync_bn)
+            self._trunk_sync(trunk_sync, bucket_cap, partition_cap, overlap)
 
     def _build(self, model, plan, head, seed, bucket_cap, overlap, sync_bn) -> None:
         comm, world = self.comm, self.world
@@ -107,7 +117,58 @@ class HybridModel(nn.Module):
             sync_batch_norms(self, world, skip=self.split.head_names)
         self._trunk = self.split.trunk(self)
         self.first_move = next(i for i, op in enumerate(self.program) if isinstance(op, Move))
-        self.trunk_sync = TrunkSync(self.trunk_parameters(), world, bucket_cap=bucket_cap, overlap=overlap)
+
+    def _trunk_sync(self, kind: str, bucket_cap: int, partition_cap: int, overlap: bool) -> None:
+        """How the trunk replicas' gradients are summed: in buckets during the backward, all in
+        before the optimizer (``bucketed``), or pipelined across the step boundary, each layer's
+        update applied right before the next forward uses it (``pipelined``, trunk_pipeline.py)."""
+        world = self.world
+        self.pipelined = kind == "pipelined" and world.world_size > 1
+        if not self.pipelined:
+            self.trunk_sync = TrunkSync(self.trunk_parameters(), world, bucket_cap=bucket_cap, overlap=overlap)
+            return
+        # Its own group: the sums never queue behind the head's moves, nor they behind the sums.
+        trunk_comm = world.split([list(range(world.world_size))])
+        named = self._trunk_in_forward_order()
+        self.trunk_sync = PipelinedTrunkSync(
+            named, trunk_comm, world, cap=partition_cap, window=WINDOW if overlap else 0
+        )
+        self._hook_owners([o for o, _ in named])
+        self._trunk.before = functools.partial(_before_attribute, weakref.ref(self.trunk_sync), self)
+
+    def _trunk_in_forward_order(self) -> list[tuple[str, nn.Parameter]]:
+        """``(owner, parameter)`` for every trunk parameter, in the order the forward first uses
+        it: the owner is the module holding it directly (or the attribute the trunk's graph
+        reads); a module the graph calls as a whole (AlexNet's ``features``) contributes its
+        submodules in their registration order, which is their calling order in a Sequential.
+        Unused parameters come last. Each owner gets a hook that applies its pending update."""
+        order: dict[str, None] = {}
+        for name in self._trunk.owners():
+            target = self.get_submodule(name) if _is_module(self, name) else None
+            if target is None:
+                order[name] = None  # an attribute read by the graph
+                continue
+            for sub, m in target.named_modules(prefix=name):
+                if any(True for _ in m.parameters(recurse=False)):
+                    order[sub] = None
+        rank = {o: i for i, o in enumerate(order)}
+        out = []
+        for n, p in self.named_parameters():
+            if self.split.is_head_parameter(n):
+                continue
+            owner = n.rpartition(".")[0] if n.rpartition(".")[0] in rank else n
+            out.append((rank.get(owner, len(rank)), owner, p))
+        out.sort(key=lambda t: t[0])  # stable: model order within an owner
+        return [(o, p) for _, o, p in out]
+
+    def _hook_owners(self, owners: Sequence[str]) -> None:
+        """Before a module holding trunk parameters runs, its pending update is applied (a
+        forward pre-hook, so submodules of a module the graph calls whole are reached too);
+        attributes the graph reads directly are handled by the trunk's interpreter."""
+        sync = weakref.ref(self.trunk_sync)
+        for owner in dict.fromkeys(owners):
+            if _is_module(self, owner):
+                self.get_submodule(owner).register_forward_pre_hook(functools.partial(_before_module, sync, owner))
 
     # ---- the step ------------------------------------------------------------------------
 
@@ -119,7 +180,11 @@ class HybridModel(nn.Module):
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own forward up to the head's input: this worker's examples' feature vectors."""
+        if self.pipelined:
+            self.trunk_sync.before_forward()
         h = self._trunk(x)
+        if self.pipelined:
+            self.trunk_sync.flush()  # parameters the graph never named (unused ones) included
         if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[0] != x.shape[0]:
             got = list(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
             raise ShardingError(
@@ -169,6 +234,8 @@ class HybridModel(nn.Module):
                 "parallel.fc_batch=chunk updates the head shards every round; the 2-D layout "
                 "(fc_group_size < workers) sums them across groups once per step: use fc_batch=full"
             )
+        if self.pipelined:
+            self.trunk_sync.bind(optimizer)
         if scheme == "a":
             with autocast():
                 logits = self(x)
@@ -186,6 +253,17 @@ class HybridModel(nn.Module):
         self.trunk_sync.finish()
         if self.replicas is not None:
             allreduce_gradients(self.head_parameters(), self.replicas, tag="fc_grads")
+
+    def flush(self) -> None:
+        """Apply every trunk update still pending (``trunk_sync=pipelined`` defers each layer's
+        to the next forward); a no-op otherwise. Anything that reads the weights or the
+        optimizer's state outside a forward (a checkpoint, an export) comes after it."""
+        if self.pipelined:
+            self.trunk_sync.flush()
+
+    def state_dict(self, *args, **kwargs):
+        self.flush()
+        return super().state_dict(*args, **kwargs)
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -231,6 +309,25 @@ class HybridModel(nn.Module):
         specs = self.shard_specs()
         local = {n: (specs[n].take(t, self.comm.rank) if n in specs else t) for n, t in sd.items()}
         self.load_state_dict(local, strict=True)
+
+
+def _is_module(root: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(root.get_submodule(name), nn.Module)
+    except AttributeError:
+        return False
+
+
+def _before_module(sync: weakref.ref, owner: str, _module: nn.Module, _args) -> None:
+    target = sync()
+    if target is not None:
+        target.before(owner)
+
+
+def _before_attribute(sync: weakref.ref, root: nn.Module, name: str) -> None:
+    target = sync()
+    if target is not None and not _is_module(root, name):
+        target.before(name)
 
 
 def _copy_sharing(model: nn.Module, names: Sequence[str]) -> nn.Module:

@@ -1,0 +1,256 @@
+"""The trunk's gradient sum pipelined across the step boundary (``parallel.trunk_sync=pipelined``).
+
+:class:`~hybridpar.parallel.data_parallel.TrunkSync` sums the trunk's gradients in buckets during
+the backward and waits for all of them before the optimizer runs: the next step's forward starts
+only once the last byte is in. On a slow link that wait is most of the step. Here:
+
+* the trunk's gradients, flattened one after another in the order in which the trunk's graph first
+  uses their parameters, are cut into small **partitions** (a parameter may span several);
+* during the backward, partitions are summed as they become ready (deepest first, as the backward
+  produces them), at most ``window`` in flight so the link is never queued far ahead;
+* at the end of the backward the rest go out in **forward order** — the partition the next
+  forward needs first goes first, although the backward made it last (priority-based parameter
+  propagation);
+* the optimizer step of the trunk is deferred: when the trainer's ``optimizer.step()`` updates the
+  head, the step's hyperparameters are kept, and each parameter's update is applied with them
+  right before the next forward first uses its module — so the forward of layer l waits for
+  the partitions holding layer l only.
+
+Exact, not stale: every parameter gets the same update from the same sums as in the serialised
+path, with the step's own hyperparameters, before anything reads it; ``flush()`` applies what is
+left (before evaluation, a checkpoint, a ``state_dict``). Collectives must be issued in the same
+order on every worker, and how many partitions a worker issued during its backward depends on its
+timing: at the end of the backward the workers agree on the largest count (one tiny all-gather
+on the world group, idle at that point) and the others catch up, so the order is one sequence.
+The sums run on a communicator of their own (its own process group: its traffic never waits
+behind the head's moves, nor they behind it).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hybridpar.comm.base import Communicator, Handle
+from hybridpar.errors import ConfigError
+
+# Partitions of 2^17 elements (512 KB of fp32): a partition in flight is what the next forward's
+# first layer may have to wait behind, so they are small; large enough that the per-message
+# latency stays small beside the bytes. A parameter may span partitions.
+PARTITION_ELEMENTS = 1 << 17
+# Partitions in flight during the backward: enough to keep the link busy between hooks.
+WINDOW = 2
+
+
+@dataclass(frozen=True)
+class _Piece:
+    param: int  # index into PipelinedTrunkSync.params
+    lo: int  # the piece is param.view(-1)[lo:hi]
+    hi: int
+
+
+def partitions(numels: Sequence[int], cap: int = PARTITION_ELEMENTS) -> list[list[_Piece]]:
+    """Cut the parameters (in forward order, flattened one after another) into consecutive
+    partitions of ``cap`` elements (the last one shorter): each a list of parameter pieces."""
+    out: list[list[_Piece]] = [[]]
+    room = cap
+    for i, n in enumerate(numels):
+        lo = 0
+        while lo < n:
+            if room == 0:
+                out.append([])
+                room = cap
+            hi = min(n, lo + room)
+            out[-1].append(_Piece(i, lo, hi))
+            room -= hi - lo
+            lo = hi
+    return [part for part in out if part]
+
+
+class PipelinedTrunkSync:
+    """One worker's pipelined trunk sync. ``named`` lists the trunk's parameters with their owner
+    (the module or attribute name the trunk's graph uses), in forward order; ``comm`` is the
+    trunk's own communicator, ``control`` the world's (for the end-of-backward agreement)."""
+
+    def __init__(
+        self,
+        named: Sequence[tuple[str, torch.nn.Parameter]],
+        comm: Communicator,
+        control: Communicator,
+        *,
+        cap: int = PARTITION_ELEMENTS,
+        window: int = WINDOW,
+        tag: str = "trunk_grads",
+    ):
+        self.owners = [o for o, _ in named]
+        self.params = [p for _, p in named]
+        self.comm, self.control, self.tag = comm, control, tag
+        self.window = window
+        self.parts = partitions([p.numel() for p in self.params], cap)
+        self._parts_of: list[list[int]] = [[] for _ in self.params]  # the partitions each parameter spans
+        for j, part in enumerate(self.parts):
+            for piece in part:
+                self._parts_of[piece.param].append(j)
+        self._by_owner: dict[str, list[int]] = {}  # each owner's parameters
+        for i, owner in enumerate(self.owners):
+            self._by_owner.setdefault(owner, []).append(i)
+        n = len(self.parts)
+        self._ready = [0] * n  # pieces whose parameter's gradient is in, per partition
+        self._copied = [0] * len(self.params)  # partitions that took their piece, per parameter
+        self._handles: list[Handle | None] = [None] * n
+        self._sums: list[torch.Tensor | None] = [None] * n
+        self._applied = [True] * len(self.params)  # this step's update is in the parameter
+        self._next = 0  # how many partitions of the backward order are issued this step
+        self._pending = False  # this step's sums issued, updates not yet applied
+        self._hparams: list[dict] | None = None  # the committing step's hyperparameters
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._hook = None
+        self._applying = False
+        me = weakref.ref(self)  # hooks hold this object weakly (see TrunkSync)
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(functools.partial(_on_grad_ready, me, i))
+
+    # ---- binding to the optimizer --------------------------------------------------------
+
+    def bind(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The optimizer whose ``step()`` commits a step (its post-step hook keeps the step's
+        hyperparameters) and whose update rule the deferred updates run."""
+        if optimizer is None:
+            raise ConfigError("parallel.trunk_sync=pipelined applies the trunk's update itself: pass the optimizer")
+        if optimizer is self._optimizer:
+            return
+        if self._hook is not None:
+            self._hook.remove()
+        self._optimizer = optimizer
+        me = weakref.ref(self)
+        self._hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: _on_step(me, opt))
+
+    def _commit(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._applying or not self._pending or self._hparams is not None:
+            return  # our own partial steps, a step of the head alone (fc_batch=chunk), or done
+        self._hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+    # ---- backward: sums issued as gradients become ready -----------------------------------
+
+    def _ready_one(self, i: int) -> None:
+        for j in self._parts_of[i]:
+            self._ready[j] += 1
+        self._issue_ready()
+
+    def _issue_ready(self) -> None:
+        n = len(self.parts)
+        while self._next < n:
+            j = n - 1 - self._next  # the backward order: deepest first
+            if self._ready[j] < len(self.parts[j]):
+                return
+            if sum(1 for h in self._handles if h is not None and not h.ready()) >= self.window:
+                return  # the link is busy: what is left waits for the end of the backward
+            self._issue(j)
+            self._next += 1
+
+    def _issue(self, j: int) -> None:
+        pieces = []
+        for piece in self.parts[j]:
+            p = self.params[piece.param]
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            pieces.append(g.reshape(-1)[piece.lo : piece.hi])
+            self._copied[piece.param] += 1
+            if self._copied[piece.param] == len(self._parts_of[piece.param]):
+                p.grad = None  # copied out: the optimizer's own step() leaves the trunk alone
+        self._handles[j] = self.comm.all_reduce_async(torch.cat(pieces), self.tag)
+
+    def finish(self) -> None:
+        """End of the backward: agree how far the backward order got, then issue the rest in
+        forward order. Nothing is waited for here."""
+        if self.comm.world_size == 1:
+            return
+        n = len(self.parts)
+        issued = self.control.max_int(self._next, "trunk_pipeline")
+        for k in range(self._next, issued):
+            self._issue(n - 1 - k)
+        for j in range(n - issued):  # the rest, first layers first
+            self._issue(j)
+        self._next, self._pending, self._hparams = 0, True, None
+        self._ready = [0] * n
+        self._copied = [0] * len(self.params)
+        self._applied = [False] * len(self.params)
+
+    # ---- the next forward: each parameter's update right before its first use ----------------
+
+    def before_forward(self) -> None:
+        """A new forward: a step whose update never came (the trainer skipped it: a non-finite
+        loss) is dropped, its sums collected in order so the collectives stay matched."""
+        if self._pending and self._hparams is None:
+            for j, h in enumerate(self._handles):
+                if h is not None:
+                    h.wait()
+                self._handles[j] = self._sums[j] = None
+            self._applied = [True] * len(self.params)
+            self._pending = False
+
+    def before(self, owner: str) -> None:
+        """The trunk's graph is about to use ``owner`` (a module or attribute name)."""
+        if self._pending and self._hparams is not None:
+            self._apply([i for i in self._by_owner.get(owner, ()) if not self._applied[i]])
+
+    def flush(self) -> None:
+        """Apply every update of the committed step that is still pending."""
+        if self._pending and self._hparams is not None:
+            self._apply([i for i in range(len(self.params)) if not self._applied[i]])
+
+    def _apply(self, todo: list[int]) -> None:
+        if not todo:
+            return
+        for j in sorted({j for i in todo for j in self._parts_of[i]}):
+            if self._sums[j] is None:
+                self._sums[j] = self._handles[j].wait()
+                self._handles[j] = None
+        for i in todo:
+            pieces = []
+            for j in self._parts_of[i]:
+                at = 0
+                for piece in self.parts[j]:
+                    if piece.param == i:
+                        pieces.append(self._sums[j][at : at + piece.hi - piece.lo])
+                    at += piece.hi - piece.lo
+            self.params[i].grad = torch.cat(pieces).view_as(self.params[i])
+            self._applied[i] = True
+        self._step([self.params[i] for i in todo])
+        for j, part in enumerate(self.parts):  # a sum is dropped once every piece of it is in
+            if self._sums[j] is not None and all(self._applied[piece.param] for piece in part):
+                self._sums[j] = None
+        if all(self._applied):
+            self._pending, self._hparams = False, None
+
+    def _step(self, chosen: list[torch.nn.Parameter]) -> None:
+        """The optimizer's own update of ``chosen`` with the committed step's hyperparameters:
+        the same per-parameter arithmetic as its step over all parameters at once."""
+        opt, keep = self._optimizer, set(chosen)
+        groups = opt.param_groups
+        subset = [
+            dict(hp, params=[p for p in g["params"] if p in keep]) for hp, g in zip(self._hparams, groups, strict=True)
+        ]
+        opt.param_groups = [g for g in subset if g["params"]]
+        self._applying = True
+        try:
+            opt.step()
+        finally:
+            opt.param_groups, self._applying = groups, False
+            for p in chosen:
+                p.grad = None
+
+
+def _on_grad_ready(sync: weakref.ref, i: int, _p: torch.nn.Parameter) -> None:
+    owner = sync()
+    if owner is not None:
+        owner._ready_one(i)
+
+
+def _on_step(sync: weakref.ref, optimizer: torch.optim.Optimizer) -> None:
+    owner = sync()
+    if owner is not None:
+        owner._commit(optimizer)

@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 from hybridpar import costmodel
 from hybridpar.comm import DistCommunicator
@@ -34,10 +35,18 @@ from hybridpar.parallel.cost import allreduce_bytes, ddp_step_bytes
 
 
 def run(
-    comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int, trunk_sync: str = "bucketed"
+    comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int, variant: str = "bucketed"
 ) -> dict[str, float]:
+    """``variant``: ``bucketed`` | ``pipelined``, with ``+chunk`` (the trunk round by round) and/or
+    ``+bf16`` (the trunk's sums in bf16)."""
+    trunk_sync, *flags = variant.split("+")
     model = HybridModel(
-        build_seeded(lambda: alexnet(1000, dropout=0.0), 0), comm, overlap=overlap, trunk_sync=trunk_sync
+        build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
+        comm,
+        overlap=overlap,
+        trunk_sync=trunk_sync,
+        chunk_trunk="chunk" in flags,
+        trunk_comm_dtype=torch.bfloat16 if "bf16" in flags else None,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
@@ -63,9 +72,19 @@ def run(
     }
 
 
-def run_ddp(comm, b: int, steps: int, warmup: int) -> dict[str, float]:
-    """torch DDP over the whole model (the baseline), its default bucketing and average."""
-    model = torch.nn.parallel.DistributedDataParallel(build_seeded(lambda: alexnet(1000, dropout=0.0), 0))
+def run_ddp(comm, b: int, steps: int, warmup: int, hook: str = "") -> dict[str, float]:
+    """torch DDP over the whole model (the baseline), its default bucketing and average; ``hook``:
+    torch's ``bf16`` compression hook or ``powersgd`` (rank 4, error feedback, from step 2)."""
+    # PowerSGD's hook issues its second and third all-reduce from future callbacks: with two
+    # buckets in flight gloo workers can issue them in different orders (seen here: a reset
+    # connection), so it gets one bucket for the whole model.
+    cap = {"bucket_cap_mb": 1024} if hook == "powersgd" else {}
+    model = torch.nn.parallel.DistributedDataParallel(build_seeded(lambda: alexnet(1000, dropout=0.0), 0), **cap)
+    if hook == "bf16":
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2)
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
     x, y = torch.randn(b, 3, 224, 224, generator=g), torch.randint(0, 1000, (b,), generator=g)
@@ -161,11 +180,23 @@ def trunk_sync_times(comm, n: int, reps: int = 7) -> dict[str, float]:
     return out
 
 
-def _row(comm, args, scheme: str, trunk_sync: str, serial: dict, pred, profile, link) -> dict:
-    """One table row: ``scheme`` overlapped with ``trunk_sync``, next to its serialised run."""
-    overlapped = run(comm, scheme, True, args.batch, args.steps, args.warmup, trunk_sync)
+def _row(comm, args, scheme: str, variant: str, serial: dict, profile, link) -> dict:
+    """One table row: ``scheme`` overlapped with ``variant`` (``bucketed`` | ``pipelined``, optionally
+    ``+chunk``), next to its serialised run."""
+    trunk_sync, *flags = variant.split("+")
+    overlapped = run(comm, scheme, True, args.batch, args.steps, args.warmup, variant)
+    pred = costmodel.step_time(
+        profile,
+        link,
+        scheme,
+        comm.world_size,
+        args.batch,
+        trunk_sync=trunk_sync,
+        chunk_trunk="chunk" in flags,
+        grad_itemsize=2 if "bf16" in flags else 4,
+    )
     return {
-        "scheme": scheme if trunk_sync == "bucketed" else f"{scheme}/{trunk_sync}",
+        "scheme": scheme if variant == "bucketed" else f"{scheme}/{variant}",
         "step": overlapped["step"],
         "serial": serial["step"],
         "compute": serial["step"] - serial["comm"],
@@ -187,9 +218,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--schemes", default="a,b,c", help="comma list of a, b, c, ddp")
+    ap.add_argument("--schemes", default="a,b,c", help="comma list of a, b, c, ddp, ddp/bf16, ddp/powersgd")
     ap.add_argument(
-        "--trunk-sync", default="bucketed", help="comma list of bucketed, pipelined: each hybrid scheme runs with each"
+        "--trunk-sync",
+        default="bucketed",
+        help="comma list of bucketed, pipelined, each optionally +chunk (scheme c only): each hybrid scheme runs with each",
     )
     ap.add_argument("--rate", default="", help="the link's nominal rate (recorded only), e.g. 1gbit")
     ap.add_argument("--json", help="append the results as one JSON line to this file (rank 0)")
@@ -218,26 +251,37 @@ def main() -> None:
         dist.destroy_process_group()
         os._exit(0)
     # Both workers profile at once, as they compute at once in the runs (shared memory bandwidth).
-    profile = costmodel.measure_profile(build_seeded(lambda: alexnet(1000, dropout=0.0), 0), 224, args.batch, reps=3)
+    profile = costmodel.measure_profile(
+        build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
+        224,
+        args.batch,
+        reps=3,
+        head_rows=args.batch * comm.world_size,
+    )
     rows = []
     for scheme in args.schemes.split(","):
-        pred = costmodel.step_time(profile, link, scheme, comm.world_size, args.batch)
-        if scheme == "ddp":
-            d = run_ddp(comm, args.batch, max(2, args.steps // 2), max(1, args.warmup // 2))
+        if scheme.startswith("ddp"):
+            hook = scheme.partition("/")[2]
+            pred = costmodel.step_time(
+                profile, link, "ddp", comm.world_size, args.batch, grad_itemsize=2 if hook == "bf16" else 4
+            )
+            d = run_ddp(comm, args.batch, max(2, args.steps // 2), max(2, args.warmup // 2), hook)
             rows.append(
                 {
                     "scheme": scheme,
                     "step": d["step"],
                     "bytes": d["bytes"],
                     "wire": d["wire"],
-                    "predicted": pred.step_s,
+                    "predicted": None if hook == "powersgd" else pred.step_s,  # not modelled
                     "predicted_compute": pred.compute_s,
                 }
             )
             continue
         serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
-        for trunk_sync in args.trunk_sync.split(","):
-            rows.append(_row(comm, args, scheme, trunk_sync, serial, pred, profile, link))
+        for variant in args.trunk_sync.split(","):
+            if "+chunk" in variant and scheme != "c":
+                continue
+            rows.append(_row(comm, args, scheme, variant, serial, profile, link))
     sync = trunk_sync_times(comm, sum(p.numel() for p in alexnet(1000).features.parameters()))
     if comm.rank == 0:
         print(
@@ -255,7 +299,8 @@ def main() -> None:
         for r in rows:
             g = r.get
             print(
-                f"| {r['scheme']} | {r['step']:.3f} | {r['predicted']:.3f} | {r['predicted'] / r['step'] - 1:+.1%} | "
+                f"| {r['scheme']} | {r['step']:.3f} | {f(r['predicted'], '.3f')} | "
+                f"{f(None if r['predicted'] is None else r['predicted'] / r['step'] - 1, '+.1%')} | "
                 f"{f(g('serial'), '.3f')} | {f(g('predicted_serial'), '.3f')} | {f(g('compute'), '.3f')} | "
                 f"{f(g('comm'), '.3f')} | {f(g('exposed'), '.3f')} | {f(g('hidden'), '.0%')} | {r['bytes'] / 1e6:.2f} | "
                 f"{f(None if r['wire'] is None else r['wire'] / 1e6, '.2f')} |"

@@ -18,7 +18,62 @@ from docs_section import DOCS, write_section
 
 from hybridpar import costmodel
 
-ORDER = {"ddp": 0, "a": 1, "b": 2, "c": 3}
+DDP_HOOKS = ("", "bf16", "powersgd")  # torch's default all-reduce, bf16_compress_hook, powerSGD_hook
+VARIANTS = ("bucketed", "pipelined", "pipelined+chunk", "pipelined+bf16")
+
+
+def parse(label: str) -> tuple[str, str]:
+    """``a/pipelined+chunk`` -> ("a", "pipelined+chunk"); ``ddp/bf16`` -> ("ddp", "bf16"); ``c`` -> ("c", "bucketed")."""
+    scheme, _, variant = label.partition("/")
+    return scheme, variant or ("" if scheme == "ddp" else "bucketed")
+
+
+def order(label: str) -> tuple:
+    scheme, variant = parse(label)
+    if scheme == "ddp":
+        return (0, DDP_HOOKS.index(variant) if variant in DDP_HOOKS else 9)
+    return (1 + "abc".index(scheme), VARIANTS.index(variant) if variant in VARIANTS else 9)
+
+
+def exact(label: str) -> bool:
+    """Every hybrid variant but bf16 sums is exact (the single device's arithmetic)."""
+    scheme, variant = parse(label)
+    return scheme != "ddp" and "bf16" not in variant
+
+
+def predict(prof, link, label: str, K: int, b: int) -> float | None:
+    scheme, variant = parse(label)
+    if scheme == "ddp":
+        if variant == "powersgd":
+            return None  # not modelled
+        return costmodel.step_time(prof, link, "ddp", K, b, grad_itemsize=2 if variant == "bf16" else 4).step_s
+    trunk_sync, *flags = variant.split("+")
+    return costmodel.step_time(
+        prof,
+        link,
+        scheme,
+        K,
+        b,
+        trunk_sync=trunk_sync,
+        chunk_trunk="chunk" in flags,
+        grad_itemsize=2 if "bf16" in flags else 4,
+    ).step_s
+
+
+def ddp_hook_bytes(records: list[dict]) -> None:
+    """DDP's bytes per worker under its hooks (the ledger sees only the default all-reduce): bf16
+    halves them; PowerSGD (rank 4, AlexNet in one bucket, K = 2) sends each matrix as P and Q and
+    each vector whole — every AlexNet matrix passes torch's compression-rate test."""
+    from hybridpar.models import alexnet
+
+    shapes = [p.shape for p in alexnet(1000).parameters()]
+    psgd = 4 * sum(4 * (s[0] + s.numel() // s[0]) if len(s) > 1 else s.numel() for s in shapes)
+    for rec in records:
+        for r in rec["rows"]:
+            if r["scheme"] == "ddp/bf16":
+                r["bytes"] = r["bytes"] // 2
+            elif r["scheme"] == "ddp/powersgd" and rec["K"] == 2:
+                r["bytes"] = psgd
 
 
 def rate_label(rate: str) -> str:
@@ -37,56 +92,98 @@ def repredict(records: list[dict]) -> None:
         prof = costmodel.Profile.from_json(json.dumps(rec["profile"]))
         link = costmodel.Link(rec["alpha_s"], rec["bytes_per_s"], rec["cpu_s_per_byte"])
         for r in rec["rows"]:
-            r["predicted"] = costmodel.step_time(prof, link, r["scheme"], rec["K"], rec["batch"]).step_s
+            r["predicted"] = predict(prof, link, r["scheme"], rec["K"], rec["batch"])
+
+
+def _fmt(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
 
 
 def tables(records: list[dict]) -> str:
     out = []
     records = sorted(records, key=lambda r: (r["batch"], costmodel.parse_rate(r["rate"])))
     out.append(
-        "| b | link | measured link | scheme | step s | predicted s | error | speed vs DDP | MB sent/worker (ledger) | link bytes / ledger |"
+        "| b | link | measured link | scheme / trunk sums | step s | predicted s | error | speed vs DDP | MB sent/worker (ledger) | link bytes / ledger |"
     )
     out.append("|---|---|---|---|---|---|---|---|---|---|")
-    errors = []
+    errors, hybrid_errors = [], []
     for rec in records:
         ddp = next((r for r in rec["rows"] if r["scheme"] == "ddp"), None)
         link = f"{rec['bytes_per_s'] * 8 / 1e9:.3f} Gbit/s, α {rec['alpha_s'] * 1e6:.0f} µs, {rec['cpu_s_per_byte'] * 1e9:.2f} ns/B"
-        for r in sorted(rec["rows"], key=lambda r: ORDER[r["scheme"]]):
-            err = r["predicted"] / r["step"] - 1
-            errors.append(abs(err))
+        for r in sorted(rec["rows"], key=lambda r: order(r["scheme"])):
+            err = None if r["predicted"] is None else r["predicted"] / r["step"] - 1
+            if err is not None:
+                errors.append(abs(err))
+                if parse(r["scheme"])[0] != "ddp" and parse(r["scheme"])[1] != "bucketed":
+                    hybrid_errors.append(abs(err))
             vs = f"{ddp['step'] / r['step']:.2f}×" if ddp else "–"
             # tx + rx on node 0's interface per step vs what both directions carry by the ledger.
-            wire = f"{r['wire'] / (2 * r['bytes']):.3f}" if r.get("wire") else "–"
+            wire = f"{r['wire'] / (2 * r['bytes']):.3f}" if r.get("wire") and r.get("bytes") else "–"
             out.append(
                 f"| {rec['batch']} | {rate_label(rec['rate'])} | {link} | {r['scheme']} | {r['step']:.3f} | "
-                f"{r['predicted']:.3f} | {err:+.1%} | {vs} | {r['bytes'] / 1e6:.2f} | {wire} |"
+                f"{_fmt(r['predicted'], '.3f')} | {_fmt(err, '+.1%')} | {vs} | {_fmt(r.get('bytes') and r['bytes'] / 1e6, '.2f')} | {wire} |"
             )
     out.append("")
     out.append(
-        f"Cost-model error over all {len(errors)} runs: median {statistics.median(errors):.1%}, "
-        f"largest {max(errors):.1%}."
+        f"Cost-model error over all {len(errors)} predicted runs: median {statistics.median(errors):.1%}, "
+        f"largest {max(errors):.1%}; over the {len(hybrid_errors)} pipelined ones: median "
+        f"{statistics.median(hybrid_errors or [0]):.1%}, largest {max(hybrid_errors or [0]):.1%}."
     )
-    out.append("")
-    out.append(
-        "Target check — best hybrid scheme vs max(compute, link-limited communication): compute = its serialised"
-    )
-    out.append("step − time blocked in collectives; link-limited communication = ledger bytes / measured bandwidth.")
-    out.append("")
-    out.append(
-        "| b | link | best scheme | step s | compute s | link-limited comm s | step / max | DDP step s | hybrid speed vs DDP |"
-    )
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out += ["", *targets(records)]
+    return "\n".join(out)
+
+
+def targets(records: list[dict]) -> list[str]:
+    """The issue's ratios, each from rows measured side by side in one run."""
+    out = [
+        (
+            "Targets — exact: the best exact hybrid vs max(compute, link-limited communication), compute = its "
+            "scheme's serialised step − time blocked in collectives, communication = ledger bytes / measured "
+            "bandwidth; vs DDP: the best hybrid (exact, and with bf16 sums) vs DDP with its best hook."
+        ),
+        "",
+        "| b | link | best exact | step s | compute s | link-limited comm s | step / max | best DDP | DDP step s | exact vs best DDP | best hybrid | step s | vs best DDP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for rec in records:
-        hyb = [r for r in rec["rows"] if r["scheme"] != "ddp"]
-        best = min(hyb, key=lambda r: r["step"])
+        hyb = [r for r in rec["rows"] if parse(r["scheme"])[0] != "ddp"]
+        best = min((r for r in hyb if exact(r["scheme"])), key=lambda r: r["step"])
+        anyh = min(hyb, key=lambda r: r["step"])
         comm = best["bytes"] / rec["bytes_per_s"]
-        ddp = next((r for r in rec["rows"] if r["scheme"] == "ddp"), None)
+        ddps = [r for r in rec["rows"] if parse(r["scheme"])[0] == "ddp"]
+        ddp = min(ddps, key=lambda r: r["step"]) if ddps else None
         out.append(
             f"| {rec['batch']} | {rate_label(rec['rate'])} | {best['scheme']} | {best['step']:.3f} | "
             f"{best['compute']:.3f} | {comm:.3f} | {best['step'] / max(best['compute'], comm):.2f} | "
-            f"{ddp['step'] if ddp else float('nan'):.3f} | {ddp['step'] / best['step'] if ddp else float('nan'):.2f}× |"
+            f"{ddp['scheme'] if ddp else '–'} | {_fmt(ddp and ddp['step'], '.3f')} | "
+            f"{_fmt(ddp and ddp['step'] / best['step'], '.2f')}{'×' if ddp else ''} | {anyh['scheme']} | "
+            f"{anyh['step']:.3f} | {_fmt(ddp and ddp['step'] / anyh['step'], '.2f')}{'×' if ddp else ''} |"
         )
-    return "\n".join(out)
+    # bf16 sums on the slowest link vs the same configuration on the fastest one (≈ unlimited).
+    slow = {
+        r["batch"]: r
+        for r in records
+        if costmodel.parse_rate(r["rate"]) == min(costmodel.parse_rate(x["rate"]) for x in records)
+    }
+    fast = {
+        r["batch"]: r
+        for r in records
+        if costmodel.parse_rate(r["rate"]) == max(costmodel.parse_rate(x["rate"]) for x in records)
+    }
+    out += [
+        "",
+        "| b | bf16 sums, configuration | step s, slowest link | step s, fastest link | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for b in sorted(set(slow) & set(fast)) if len({r["rate"] for r in records}) > 1 else []:
+        for r in slow[b]["rows"]:
+            if "bf16" in r["scheme"] and parse(r["scheme"])[0] != "ddp":
+                f = next((x for x in fast[b]["rows"] if x["scheme"] == r["scheme"]), None)
+                if f:
+                    out.append(
+                        f"| {b} | {r['scheme']} | {r['step']:.3f} | {f['step']:.3f} | {r['step'] / f['step']:.2f} |"
+                    )
+    return out
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -98,6 +195,15 @@ def plot(records: list[dict], path: Path) -> None:
     batches = sorted({r["batch"] for r in records})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
     colors = {"ddp": "tab:red", "a": "tab:blue", "b": "tab:green", "c": "tab:purple"}
+    marks = {
+        "bucketed": "o",
+        "pipelined": "s",
+        "pipelined+chunk": "^",
+        "pipelined+bf16": "D",
+        "": "o",
+        "bf16": "D",
+        "powersgd": "x",
+    }
     for ax, b in zip(axes[0], batches):
         recs = sorted((r for r in records if r["batch"] == b), key=lambda r: costmodel.parse_rate(r["rate"]))
         prof = costmodel.Profile.from_json(json.dumps(recs[0]["profile"]))
@@ -105,30 +211,31 @@ def plot(records: list[dict], path: Path) -> None:
         cpu = statistics.median(r["cpu_s_per_byte"] for r in recs)
         eff = statistics.median(r["bytes_per_s"] / costmodel.parse_rate(r["rate"]) for r in recs)
         rates = [10 ** (7.7 + i * 0.05) for i in range(50)]  # 50 Mbit/s .. 15 Gbit/s, in bits
-        for s in costmodel.SCHEMES:
-            model = [
-                costmodel.step_time(prof, costmodel.Link(alpha, r / 8 * eff, cpu), s, recs[0]["K"], b).step_s
-                for r in rates
-            ]
-            ax.plot([r / 1e9 for r in rates], model, color=colors[s], lw=1, alpha=0.7)
+        labels = sorted({row["scheme"] for rec in recs for row in rec["rows"]}, key=order)
+        for label in labels:
+            scheme, variant = parse(label)
+            if variant in ("bucketed", "pipelined", ""):  # the model's lines for the exact ones and plain DDP
+                model = [predict(prof, costmodel.Link(alpha, r / 8 * eff, cpu), label, recs[0]["K"], b) for r in rates]
+                ls = "-" if variant != "pipelined" else "--"
+                ax.plot([r / 1e9 for r in rates], model, color=colors[scheme], lw=1, alpha=0.6, ls=ls)
             pts = [
                 (costmodel.parse_rate(rec["rate"]) * 8 / 1e9, row["step"])
                 for rec in recs
                 for row in rec["rows"]
-                if row["scheme"] == s
+                if row["scheme"] == label
             ]
-            ax.plot(*zip(*pts), "o", color=colors[s], label=f"{'DDP' if s == 'ddp' else 'hybrid (' + s + ')'}")
+            ax.plot(*zip(*pts), marks.get(variant, "o"), color=colors[scheme], label=label, ms=5)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("link rate, Gbit/s (tc token bucket)")
         ax.set_ylabel("step time, s (median)")
         ax.set_title(f"AlexNet 224 px, 2 hosts, b = {b} per worker")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=6, ncol=2)
     fig.text(
         0.5,
         0.005,
-        "points: measured; lines: cost model (profile and link measured in the same runs)",
+        "points: measured; lines: cost model (solid: bucketed / DDP, dashed: pipelined; profile and link measured in the same runs)",
         ha="center",
         fontsize=8,
     )
@@ -139,6 +246,7 @@ def plot(records: list[dict], path: Path) -> None:
 def main() -> None:
     records = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
     repredict(records)
+    ddp_hook_bytes(records)
     records = list({(r["rate"], r["batch"]): r for r in records}.values())  # a rerun replaces its earlier line
     text = tables(records)
     print(text)

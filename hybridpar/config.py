@@ -117,9 +117,12 @@ class ParallelConfig:
     scheme: str = "a"  # a | b | c | ddp
     fc_batch: str = "full"  # full | chunk
     comm_dtype: str = "fp32"  # fp32 | bf16
+    trunk_comm_dtype: str = "fp32"  # fp32 | bf16
+    trunk_powersgd_rank: int = 0  # 0: off; r: the trunk's sums by PowerSGD of rank r (lossy)
     overlap: bool = True
     bucket_mb: float = TRUNK_BUCKET_ELEMENTS * 4 / 2**20  # trunk gradient buckets, MB of fp32
     trunk_sync: str = "bucketed"  # bucketed | pipelined
+    chunk_trunk: bool = False  # scheme c: the trunk runs round by round (features travel while convs run)
     emulate: int = 1
     sync_bn: bool = True
     fc_group_size: Any = None  # null | G | auto

@@ -56,6 +56,7 @@ from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, bucket_sizes
 from hybridpar.parallel.head import choose_styles
 from hybridpar.parallel.program import MOVES, head_layout, scheme_rounds
 from hybridpar.parallel.program import SCHEMES as HYBRID_SCHEMES
+from hybridpar.parallel.trunk_pipeline import PARTITION_ELEMENTS, WINDOW, partitions
 
 SCHEMES = ("ddp", *HYBRID_SCHEMES)
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
@@ -203,10 +204,12 @@ def measure_profile(
     dtype: torch.dtype = torch.float32,
     reps: int = 5,
     warmup: int = 2,
+    head_rows: int | None = None,
 ) -> Profile:
     """Time each trunk stage (forward, backward), the head's Linear layers and an SGD step.
 
-    ``dtype=torch.bfloat16`` times under autocast (as the trainer's bf16 precision runs)."""
+    ``dtype=torch.bfloat16`` times under autocast (as the trainer's bf16 precision runs); the head
+    is timed on up to ``head_rows`` rows (default ``batch``; scheme (a) runs it on K·b)."""
     dev = torch.device(device)
     model = model.to(dev)
     timer = _Timer(dev, torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32), reps, warmup)
@@ -218,7 +221,7 @@ def measure_profile(
         batch=batch,
         trunk=tuple(_time_trunk(model, timer, torch.randn(batch, 3, image_size, image_size, device=dev))),
         head=tuple((m.in_features, m.out_features) for m in head),
-        fc_rates=tuple(_time_head(head, timer, batch)),
+        fc_rates=tuple(_time_head(head, timer, head_rows or batch)),
         opt_s_per_param=_time_optimizer(model, timer),
         itemsize=2 if dtype == torch.bfloat16 else 4,
     )
@@ -239,6 +242,11 @@ class _Timer:
                 return fn(inp)
 
         def fwd_bwd():
+            # Fresh gradients, as a training step has them after zero_grad(set_to_none=True):
+            # accumulating into old ones would add a read and a write of every weight.
+            for p in fn.parameters() if isinstance(fn, nn.Module) else ():
+                p.grad = None
+            inp.grad = None
             out = fwd()
             out.backward(grad if grad is not None else torch.ones_like(out))
 
@@ -340,8 +348,8 @@ def _move_time(link: Link, kind: str, n: int, betas: Sequence[int], itemsize: in
     return link.time(move.steps(K), busiest, itemsize), per_rank[0][0]
 
 
-def _allreduce_time(link: Link, n: int, K: int) -> float:
-    return link.time(allreduce_steps(K), max(allreduce_bytes(n, K, r, 1) for r in range(K)), GRAD_ITEMSIZE)
+def _allreduce_time(link: Link, n: int, K: int, itemsize: int = GRAD_ITEMSIZE) -> float:
+    return link.time(allreduce_steps(K), max(allreduce_bytes(n, K, r, 1) for r in range(K)), itemsize)
 
 
 def _head_program(widths: Sequence[tuple[int, int]], styles: Sequence[str]) -> list[tuple]:
@@ -365,6 +373,7 @@ def _backward_with_buckets(
     bucket_cap: int,
     K: int,
     overlap: bool = True,
+    itemsize: int = GRAD_ITEMSIZE,
 ) -> list[float]:
     """Run the backward stages (last first); issue each bucket's all-reduce when its last
     gradient is ready (and wait for it at once unless ``overlap``). Buckets as
@@ -381,7 +390,7 @@ def _backward_with_buckets(
             b = bucket_of[i]
             missing[b] -= 1
             if missing[b] == 0 and K > 1:
-                done.append(tl.issue(_allreduce_time(link, sum(numels[j] for j in buckets[b]), K)))
+                done.append(tl.issue(_allreduce_time(link, sum(numels[j] for j in buckets[b]), K, itemsize)))
                 if not overlap:
                     tl.wait(done[-1])
     return done
@@ -398,21 +407,31 @@ def step_time(
     overlap: bool = True,
     bucket_cap: int = TRUNK_BUCKET_ELEMENTS,
     fc_group_size: int | None = None,
+    trunk_sync: str = "bucketed",
+    chunk_trunk: bool = False,
+    grad_itemsize: int = GRAD_ITEMSIZE,
 ) -> StepTime:
     """Predicted time of one training step with ``K`` workers, ``b`` images each.
 
     ``fc_group_size=G`` (hybrid schemes): the 2-D layout — the head is sharded inside groups of G
     workers (its moves stay in the group), and each shard's gradient is all-reduced over the K/G
-    workers holding it, issued when the head's backward is done; the trunk's over all K."""
+    workers holding it, issued when the head's backward is done; the trunk's over all K.
+    ``trunk_sync="pipelined"``: the trunk's sums pipelined across the step boundary
+    (``trunk_pipeline.py``); ``chunk_trunk`` (scheme c): the trunk round by round (``rounds.py``);
+    with either, the step time is the period of consecutive steps. ``grad_itemsize=2``: the trunk's
+    (DDP: all) gradient sums travel in bf16."""
     G = fc_group_size or K
     if K % G:
         raise ValueError(f"fc_group_size {G} must divide the number of workers {K}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if scheme == "ddp":
-        tl, sent, done, n_opt = _ddp_step(profile, link, K, b)
+        tl, sent, done, n_opt = _ddp_step(profile, link, K, b, grad_itemsize)
+    elif K > 1 and (trunk_sync == "pipelined" or chunk_trunk):
+        step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
+        return step.steady(scheme, trunk_sync == "pipelined", chunk_trunk, bucket_cap)
     else:
-        step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap)
+        step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
         tl, sent, done, n_opt = step.run(scheme, bucket_cap)
     for t in done:
         tl.wait(t)
@@ -421,49 +440,175 @@ def step_time(
     return StepTime(max(tl.cpu, tl.compute + transport), tl.compute, tl.comm, int(sent))
 
 
-def _ddp_step(profile: Profile, link: Link, K: int, b: int) -> tuple[_Timeline, int, list[float], int]:
-    """DDP: forward; backward with each 25 MB bucket's all-reduce issued when its gradients are in."""
+def _ddp_step(
+    profile: Profile, link: Link, K: int, b: int, itemsize: int = GRAD_ITEMSIZE
+) -> tuple[_Timeline, int, list[float], int]:
+    """DDP: forward; backward with each 25 MB bucket's all-reduce issued when its gradients are in
+    (``itemsize`` 2: torch's bf16 compression hook, the buckets cut by their fp32 size)."""
     tl, widths = _Timeline(), list(profile.head)
     tl.run(
         sum(s.fwd_s for s in profile.trunk) * b + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False)
     )
     head_bwd = [(4.0 * b * i * o / profile.fc_rate(b, True), (i * o, o)) for i, o in reversed(widths)]
     trunk_bwd = [(s.bwd_s * b, s.params) for s in reversed(profile.trunk)]
-    done = _backward_with_buckets(tl, link, head_bwd + trunk_bwd, DDP_BUCKET_BYTES // GRAD_ITEMSIZE, K)
-    sent = allreduce_bytes(profile.trunk_params + profile.head_params, K, 0, GRAD_ITEMSIZE)
+    done = _backward_with_buckets(tl, link, head_bwd + trunk_bwd, DDP_BUCKET_BYTES // GRAD_ITEMSIZE, K, True, itemsize)
+    sent = allreduce_bytes(profile.trunk_params + profile.head_params, K, 0, itemsize)
     return tl, sent, done, sum(profile.trunk_params) + sum(profile.head_params)
+
+
+class _Partitions:
+    """The pipelined trunk sync's partitions over a profile's trunk, and where each stage sits:
+    ``first``/``last``, the partitions its parameters span; ``start``, its first element in the
+    flat forward order."""
+
+    def __init__(self, profile: Profile):
+        self.sizes = [sum(p.hi - p.lo for p in part) for part in partitions(profile.trunk_params, PARTITION_ELEMENTS)]
+        self.first: list[int] = []
+        self.last: list[int] = []
+        self.start: list[int] = []
+        at = 0
+        for stage in profile.trunk:
+            n = sum(stage.params)
+            self.start.append(at)
+            self.first.append(at // PARTITION_ELEMENTS)
+            self.last.append((at + max(n, 1) - 1) // PARTITION_ELEMENTS)
+            at += n
 
 
 class _HybridStep:
     """One hybrid step on the timeline: the schedule the code runs (``rounds.py`` for (b)/(c))."""
 
-    def __init__(self, profile: Profile, link: Link, K: int, b: int, G: int, styles, overlap: bool):
+    def __init__(self, profile: Profile, link: Link, K: int, b: int, G: int, styles, overlap: bool, grad_itemsize: int):
         self.profile, self.link, self.K, self.b, self.G = profile, link, K, b, G
-        self.styles, self.overlap = styles, overlap
+        self.styles, self.overlap, self.gi = styles, overlap, grad_itemsize  # gi: the trunk's sums
         self.widths = list(profile.head)
         self.tl, self.sent = _Timeline(), 0
 
     def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
         tl, G, K, link = self.tl, self.G, self.K, self.link
-        program = _head_program(self.widths, self.styles)
-        if G > 1:
-            tl.blocking(link.time(G - 1, AGREE_WIDTH, AGREE_ITEMSIZE))  # the batch-shape agreement
-            self.sent += (G - 1) * AGREE_BYTES_PER_PEER
+        self.agree()
         tl.run(sum(s.fwd_s for s in self.profile.trunk) * self.b)
-        if scheme == "a" or G == 1:
-            self.head_pass([self.b] * G, program, False)
-            self.head_pass([self.b] * G, program, True)
-        else:
-            self.rounds(scheme_rounds(scheme, self.b, G), program[0], program[1:])
+        self.head(scheme)
         shard = head_shard_params(self.widths, self.styles, G, 0)
         fc_sync = []
         if K > G:  # 2-D: the shard's gradient is summed over the K/G groups, while the trunk's backward runs
             fc_sync.append(tl.issue(_allreduce_time(link, shard, K // G)))
             self.sent += allreduce_bytes(shard, K // G, 0, GRAD_ITEMSIZE)
         trunk_bwd = [(s.bwd_s * self.b, s.params) for s in reversed(self.profile.trunk)]
-        done = fc_sync + _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, self.overlap)
-        self.sent += allreduce_bytes(trunk_bucket_numels(self.profile.trunk_params, bucket_cap), K, 0, GRAD_ITEMSIZE)
+        done = fc_sync + _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, self.overlap, self.gi)
+        self.sent += allreduce_bytes(trunk_bucket_numels(self.profile.trunk_params, bucket_cap), K, 0, self.gi)
         return tl, self.sent, done, sum(self.profile.trunk_params) + shard
+
+    def agree(self, queued: bool = True) -> None:
+        """The batch-shape agreement; ``queued=False``: on a group whose link is otherwise idle
+        (the pipelined trunk's sums travel on their own), so it costs its latency only."""
+        if self.G > 1:
+            seconds = self.link.time(self.G - 1, AGREE_WIDTH, AGREE_ITEMSIZE)
+            if queued:
+                self.tl.blocking(seconds)
+            else:
+                self.tl.cpu += seconds
+            self.sent += (self.G - 1) * AGREE_BYTES_PER_PEER
+
+    def head(self, scheme: str) -> None:
+        program = _head_program(self.widths, self.styles)
+        if scheme == "a" or self.G == 1:
+            self.head_pass([self.b] * self.G, program, False)
+            self.head_pass([self.b] * self.G, program, True)
+        else:
+            self.rounds(scheme_rounds(scheme, self.b, self.G), program[0], program[1:])
+
+    def steady(self, scheme: str, pipelined: bool, chunked: bool, bucket_cap: int, steps: int = 4) -> StepTime:
+        """Consecutive steps with ``trunk_sync=pipelined`` and/or ``chunk_trunk``; the step time is
+        the period of the last two (the first has nothing pending).
+
+        Pipelined: before each trunk stage runs, its partitions of the previous step's sums must be
+        in (and its update applied); during the backward, partitions are issued deepest first as
+        they are ready, at most ``WINDOW`` unfinished; at its end the rest go out in forward order.
+        Chunked (scheme c): round j's rows go through the trunk and leave; after all chunks, round
+        j's head runs, its gradients return, and chunk j-1's trunk backward runs meanwhile; only
+        the last chunk's backward issues the sums."""
+        if self.K > self.G:
+            raise ValueError("the cost model pipelines the 1-D hybrid's trunk only (fc_group_size = workers)")
+        if chunked and scheme != "c":
+            raise ValueError("chunk_trunk runs with scheme c only")
+        tl, prof = self.tl, self.profile
+        layout = _Partitions(prof) if pipelined else None
+        done: list[float] = [0.0] * (len(layout.sizes) if layout else 0)
+        starts = []
+        for _ in range(steps):
+            starts.append(tl.cpu)
+            self.sent = 0
+            self.agree(queued=not pipelined)
+            if chunked:
+                issued = self.chunked_rounds(done, layout, bucket_cap)
+            else:
+                self.trunk_forward(self.b, done, layout)
+                self.head(scheme)
+                issued = self.trunk_backward(self.b, layout, bucket_cap)
+            if layout is None:
+                for t in issued:  # bucketed: every sum is in before the optimizer
+                    tl.wait(t)
+            done = issued
+            opt = head_shard_params(self.widths, self.styles, self.G, 0) + (0 if layout else sum(prof.trunk_params))
+            tl.run(opt * prof.opt_s_per_param)
+        self.sent += (
+            allreduce_bytes(layout.sizes, self.K, 0, self.gi) + (self.K - 1) * AGREE_ITEMSIZE
+            if layout
+            else allreduce_bytes(trunk_bucket_numels(prof.trunk_params, bucket_cap), self.K, 0, self.gi)
+        )
+        period = starts[-1] - starts[-2]
+        transport = self.link.cpu_s_per_byte * 2 * self.sent
+        compute, comm = tl.compute / steps, tl.comm / steps
+        return StepTime(max(period, compute + transport), compute, comm, int(self.sent))
+
+    def trunk_forward(self, rows: float, done: Sequence[float], layout: _Partitions | None) -> None:
+        """The trunk's forward on ``rows`` images; pipelined (``layout``), each stage waits for its
+        partitions of the previous step's sums and applies its update first."""
+        for s, stage in enumerate(self.profile.trunk):
+            if layout is not None:
+                self.tl.wait(max(done[layout.first[s] : layout.last[s] + 1], default=0.0))
+                self.tl.run(sum(stage.params) * self.profile.opt_s_per_param)
+            self.tl.run(stage.fwd_s * rows)
+
+    def trunk_backward(self, rows: float, layout: _Partitions | None, bucket_cap: int) -> list[float]:
+        """The trunk's backward on ``rows`` images and its sums: the done time of each bucket, or
+        (pipelined) of each partition."""
+        tl, link, K, trunk = self.tl, self.link, self.K, self.profile.trunk
+        if layout is None:
+            stages = [(s.bwd_s * rows, s.params) for s in reversed(trunk)]
+            return _backward_with_buckets(tl, link, stages, bucket_cap, K, self.overlap, self.gi)
+        issued, nxt = [0.0] * len(layout.sizes), len(layout.sizes) - 1
+        for s in reversed(range(len(trunk))):
+            tl.run(trunk[s].bwd_s * rows)
+            # Partition nxt is ready once every stage it spans is through its backward.
+            while nxt >= 0 and nxt * PARTITION_ELEMENTS >= layout.start[s] and sum(t > tl.cpu for t in issued) < WINDOW:
+                issued[nxt] = tl.issue(_allreduce_time(link, layout.sizes[nxt], K, self.gi))
+                nxt -= 1
+        tl.cpu += link.time(K - 1, 1, AGREE_ITEMSIZE)  # the agreement, on the idle world group
+        for j in range(nxt + 1):
+            issued[j] = tl.issue(_allreduce_time(link, layout.sizes[j], K, self.gi))
+        return issued
+
+    def chunked_rounds(self, done: Sequence[float], layout: _Partitions | None, bucket_cap: int) -> list[float]:
+        """Scheme (c) with ``chunk_trunk`` (``rounds._train_chunked``)."""
+        tl, G = self.tl, self.G
+        program = _head_program(self.widths, self.styles)
+        rounds = scheme_rounds("c", self.b, G)
+        pending, returns = {}, {}
+        for j, betas in enumerate(rounds):
+            self.trunk_forward(betas[0], done if j == 0 else [], layout if j == 0 else None)
+            pending[j] = tl.issue(self.move(program[0], betas, False))
+        for j, betas in enumerate(rounds):
+            tl.wait(pending.pop(j))
+            self.head_pass(betas, program[1:], False)
+            self.head_pass(betas, program[1:], True)
+            returns[j] = tl.issue(self.move(program[0], betas, True))
+            if j > 0:
+                tl.wait(returns.pop(j - 1))
+                tl.run(sum(s.bwd_s for s in self.profile.trunk) * rounds[j - 1][0])
+        tl.wait(returns.pop(G - 1))
+        return self.trunk_backward(rounds[-1][0], layout, bucket_cap)
 
     def linear(self, i: int, rows: int, backward: bool) -> None:
         f = _linear_flops(*self.widths[i], self.styles[i], rows, self.G)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 from hybridpar import checkpoint, faults
 from hybridpar.comm import Communicator, DistCommunicator
@@ -89,10 +90,27 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"parallel.fc_batch=chunk updates the head after each round: it needs parallel.scheme=b or c, not {cfg.parallel.scheme!r}"
         )
+    if cfg.parallel.trunk_powersgd_rank < 0:
+        raise ConfigError(
+            f"parallel.trunk_powersgd_rank must be 0 (off) or a rank >= 1, got {cfg.parallel.trunk_powersgd_rank}"
+        )
+    if cfg.parallel.trunk_powersgd_rank and (
+        cfg.parallel.trunk_sync != "bucketed" or cfg.parallel.trunk_comm_dtype != "fp32"
+    ):
+        raise ConfigError(
+            "parallel.trunk_powersgd_rank runs with parallel.trunk_sync=bucketed and parallel.trunk_comm_dtype=fp32 "
+            "(it compresses whole parameters, one compression at a time)"
+        )
+    if cfg.parallel.chunk_trunk and cfg.parallel.scheme != "c":
+        raise ConfigError(
+            f"parallel.chunk_trunk runs the trunk round by round, every worker's rows in every round: "
+            f"it needs parallel.scheme=c, not {cfg.parallel.scheme!r}"
+        )
     if cfg.parallel.trunk_sync not in TRUNK_SYNCS:
         raise ConfigError(f"parallel.trunk_sync={cfg.parallel.trunk_sync!r} is not one of {', '.join(TRUNK_SYNCS)}")
-    if cfg.parallel.comm_dtype not in PRECISIONS:
-        raise ConfigError(f"parallel.comm_dtype={cfg.parallel.comm_dtype!r} is not one of fp32, bf16")
+    for key in ("comm_dtype", "trunk_comm_dtype"):
+        if cfg.parallel[key] not in PRECISIONS:
+            raise ConfigError(f"parallel.{key}={cfg.parallel[key]!r} is not one of fp32, bf16")
     if cfg.optim.conv_lr_scale not in LR_SCALES:
         raise ConfigError(f"optim.conv_lr_scale={cfg.optim.conv_lr_scale!r} is not one of {', '.join(LR_SCALES)}")
     if cfg.trainer.precision not in PRECISIONS:
@@ -144,6 +162,9 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
             fc_group_size=_group_size(cfg, full, K, b),
             sync_bn=cfg.parallel.sync_bn,
             trunk_sync=cfg.parallel.trunk_sync,
+            trunk_comm_dtype=torch.bfloat16 if cfg.parallel.trunk_comm_dtype == "bf16" else None,
+            chunk_trunk=cfg.parallel.chunk_trunk,
+            trunk_powersgd_rank=cfg.parallel.trunk_powersgd_rank,
         ).to(device)
         plain = model
     else:
@@ -153,7 +174,16 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
             model = nn.parallel.DistributedDataParallel(
                 plain, device_ids=[device] if device.type == "cuda" else None, process_group=comm.group
             )
-            model.register_comm_hook(comm, ledger_allreduce_hook)
+            hook = ledger_allreduce_hook
+            if cfg.parallel.trunk_comm_dtype == "bf16":  # DDP's own bf16 compression, for a like-for-like baseline
+                hook = default_hooks.bf16_compress_wrapper(hook)
+            if cfg.parallel.trunk_powersgd_rank:  # and its own PowerSGD (bytes not in the ledger)
+                state = powerSGD_hook.PowerSGDState(
+                    comm.group, matrix_approximation_rank=cfg.parallel.trunk_powersgd_rank, start_powerSGD_iter=2
+                )
+                model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+            else:
+                model.register_comm_hook(comm, hook)
     # The conv layers see a batch of K·b per update (the loss is the mean over it); the paper's
     # variance argument scales their rate by √K relative to the configured one, linear by K.
     conv_lr = cfg.optim.lr * LR_SCALES[cfg.optim.conv_lr_scale](K)

@@ -228,3 +228,58 @@ def test_two_d_layout_bytes_and_limits(K, G):
         assert t.bytes_sent == ddp_step_bytes(n, K)
     with pytest.raises(ValueError, match="must divide"):
         cm.step_time(prof, link, "a", 8, 6, fc_group_size=3)
+
+
+def test_pipelined_trunk_sync_by_hand():
+    """Two stages of one 512 KB partition each, 1 s per stage each way, one partition per second on
+    the link. Bucketed: forward 2, backward 2, then both sums 2 → 6 s. Pipelined (steady state):
+    c2's sum leaves as its backward ends and c1's one second later; the next forward waits for
+    c1's sum (1 s), runs c1 while c2's is long in → a period of 5 s."""
+    n = cm.PARTITION_ELEMENTS
+    prof = _toy_profile(
+        trunk=(cm.Stage("c1", 1.0, 1.0, (n,)), cm.Stage("c2", 1.0, 1.0, (n,))),
+        head=((8, 4),),
+        fc_rates=((1, 1e30, 1e30),),
+        opt_s_per_param=0.0,
+    )
+    link = cm.Link(0.0, 4 * n)
+    assert cm.step_time(prof, link, "a", 2, 1).step_s == pytest.approx(6.0, rel=1e-3)
+    pipelined = cm.step_time(prof, link, "a", 2, 1, trunk_sync="pipelined")
+    assert pipelined.step_s == pytest.approx(5.0, rel=1e-3)
+    widths = list(prof.head)
+    assert pipelined.bytes_sent == hybrid_step_bytes(
+        widths, choose_styles(widths, 2), [n, n], 1, 2, 0, trunk_sync="pipelined"
+    )
+
+
+@pytest.mark.parametrize("scheme", ["a", "b", "c"])
+def test_pipelined_is_never_slower_than_its_compute_and_is_it_on_a_free_link(scheme):
+    prof = _toy_profile()
+    for link in (cm.Link(1e-5, 1e6), cm.Link(1e-3, 1e9)):
+        t = cm.step_time(prof, link, scheme, 4, 6, trunk_sync="pipelined")
+        assert t.step_s >= t.compute_s - 1e-12
+    free = cm.step_time(prof, cm.Link(0.0, float("inf")), scheme, 4, 6, trunk_sync="pipelined")
+    assert free.step_s == pytest.approx(free.compute_s)
+
+
+@pytest.mark.parametrize("trunk_sync", ["bucketed", "pipelined"])
+def test_chunked_trunk_hides_the_first_move_behind_the_trunk(trunk_sync):
+    """Scheme c, a trunk that dominates and a link as slow as it: running the trunk round by round
+    overlaps the features' trip with the next round's convolutions and the gradients' trip back
+    with the previous round's backward. On a free link it is its compute."""
+    prof = _toy_profile(
+        trunk=(cm.Stage("c1", 1.0, 1.0, (10,)),), head=((100, 50), (50, 10)), fc_rates=((1, 1e30, 1e30),)
+    )
+    slow = cm.Link(0.0, 400.0)
+    kw = {"trunk_sync": trunk_sync}
+    plain, chunked = (
+        cm.step_time(prof, slow, "c", 2, 4, **kw),
+        cm.step_time(prof, slow, "c", 2, 4, chunk_trunk=True, **kw),
+    )
+    assert chunked.bytes_sent == plain.bytes_sent
+    assert chunked.compute_s == pytest.approx(plain.compute_s)
+    assert chunked.step_s < plain.step_s - 0.5
+    free = cm.step_time(prof, cm.Link(0.0, float("inf")), "c", 2, 4, chunk_trunk=True, **kw)
+    assert free.step_s == pytest.approx(free.compute_s)
+    with pytest.raises(ValueError, match="scheme c only"):
+        cm.step_time(prof, slow, "a", 2, 4, chunk_trunk=True, **kw)

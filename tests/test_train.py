@@ -143,6 +143,13 @@ BAD = [
     (["parallel.fc_batch=chunk"], "it needs parallel.scheme=b or c, not 'a'"),
     (["parallel.comm_dtype=fp16"], "parallel.comm_dtype='fp16' is not one of fp32, bf16"),
     (["optim.conv_lr_scale=cubic"], "optim.conv_lr_scale='cubic' is not one of none, sqrt, linear"),
+    (["parallel.trunk_comm_dtype=fp16"], "parallel.trunk_comm_dtype='fp16' is not one of fp32, bf16"),
+    (["parallel.trunk_sync=eventually"], "parallel.trunk_sync='eventually' is not one of bucketed, pipelined"),
+    (["parallel.chunk_trunk=true"], "parallel.chunk_trunk runs the trunk round by round"),
+    (
+        ["parallel.trunk_powersgd_rank=2", "parallel.trunk_sync=pipelined"],
+        "parallel.trunk_powersgd_rank runs with parallel.trunk_sync=bucketed",
+    ),
     # Caught by Hydra against the typed schema (hybridpar/config.py) while composing:
     (["trainer.epoch=3"], "Key 'epoch' not in 'TrainerConfig'"),
     (["parallel.bucket_mb=big"], "parallel.bucket_mb=big: Value 'big' of type 'str' could not be converted to Float"),

@@ -210,3 +210,57 @@ def test_the_ledger_counts_what_the_formula_says(K):
     for rank, (sent, parts, styles) in enumerate(run_emulated(K, worker)):
         assert len(parts) > 1
         assert sent == hybrid_step_bytes(widths, styles, parts, b, K, rank, trunk_sync="pipelined")
+
+
+@pytest.mark.parametrize("trunk_sync", ["bucketed", "pipelined"])
+def test_bf16_trunk_sums_halve_the_trunk_bytes_and_stay_close(trunk_sync):
+    """parallel.trunk_comm_dtype=bf16: the trunk's sums travel (and are added) in bf16 — half the
+    ledger's trunk bytes, gradients within bf16 rounding of the fp32 sums, replicas identical."""
+    from hybridpar.models import alexnet_small
+
+    model = alexnet_small(10, 0.0, in_channels=3, channels=(8, 16, 24, 16, 16), hidden=64)
+
+    def worker(comm, wire):
+        hybrid = hybridize(model, comm, trunk_sync=trunk_sync, trunk_comm_dtype=wire)
+        opt = torch.optim.SGD(hybrid.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(comm.rank)
+        comm.ledger.reset()
+        hybrid.train_step(
+            torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g), optimizer=opt
+        )
+        trunk_bytes = sum(e.sent for e in comm.ledger.entries if e.tag == "trunk_grads")
+        opt.step()
+        hybrid.flush()
+        return trunk_bytes, {n: p.detach().clone() for n, p in hybrid.named_parameters()}
+
+    fp32, bf16 = run_emulated(2, worker, None), run_emulated(2, worker, torch.bfloat16)
+    assert bf16[0][0] * 2 == fp32[0][0] > 0
+    assert torch.equal(bf16[0][1]["features.0.weight"], bf16[1][1]["features.0.weight"])  # replicas agree
+    for n, want in fp32[0][1].items():
+        got = bf16[0][1][n]
+        torch.testing.assert_close(got, want, rtol=0, atol=0.1 * 2**-7 * 4, msg=n)  # lr 0.1 × bf16 rounding
+    assert any(not torch.equal(bf16[0][1][n], fp32[0][1][n]) for n in fp32[0][1])  # it did round
+
+
+def test_pipelined_in_the_2d_layout_is_bit_identical():
+    """K = 4 workers, the head sharded inside groups of 2 (its shards' gradients summed over the
+    groups, blocking, as before): the pipelined trunk changes nothing but the timing."""
+    from hybridpar.models import alexnet_small
+
+    model = alexnet_small(10, 0.5, in_channels=3, channels=(8, 16, 24, 16, 16), hidden=32)
+
+    def worker(comm, trunk_sync):
+        hybrid = hybridize(model, comm, trunk_sync=trunk_sync, fc_group_size=2, partition_cap=3000)
+        opt = torch.optim.SGD(hybrid.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(comm.rank)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            x, y = torch.randn(3, 3, 32, 32, generator=g), torch.randint(0, 10, (3,), generator=g)
+            hybrid.train_step(x, y, optimizer=opt)
+            opt.step()
+        hybrid.flush()
+        return {n: p.detach().clone() for n, p in hybrid.named_parameters()}
+
+    want, got = run_emulated(4, worker, "bucketed"), run_emulated(4, worker, "pipelined")
+    for w, g in zip(want, got, strict=True):
+        assert w.keys() == g.keys() and all(torch.equal(w[n], g[n]) for n in w)

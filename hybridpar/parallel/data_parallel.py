@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from hybridpar.comm.base import Communicator
+from hybridpar.parallel.powersgd import PowerSGD
 
 # The trunk's gradient buckets: 2^20 elements (4 MB of fp32; parallel.bucket_mb = 4). Small enough
 # that the first bucket's all-reduce starts early in the backward, large enough to amortise alpha.
@@ -88,8 +89,13 @@ class TrunkSync:
         bucket_cap: int = TRUNK_BUCKET_ELEMENTS,
         overlap: bool = True,
         tag: str = "trunk_grads",
+        wire: torch.dtype | None = None,
+        compressor: PowerSGD | None = None,
     ):
         self.params, self.comm, self.overlap, self.tag = list(params), comm, overlap, tag
+        self.wire = wire  # the dtype the sums travel and are added in (None: the gradients')
+        self.armed = True  # False: a backward that only accumulates (a trunk chunk before the last)
+        self.compressor = compressor  # PowerSGD (powersgd.py): each bucket's sums compressed
         self.buckets = bucket_sizes([p.numel() for p in self.params], bucket_cap)
         self._bucket_of = {i: b for b, idx in enumerate(self.buckets) for i in idx}
         self._ready = [0] * len(self.buckets)
@@ -104,6 +110,8 @@ class TrunkSync:
                 p.register_post_accumulate_grad_hook(functools.partial(_on_grad_ready, me, i))
 
     def _ready_one(self, i: int) -> None:
+        if not self.armed:
+            return
         b = self._bucket_of[i]
         self._ready[b] += 1
         if self._ready[b] == len(self.buckets[b]):
@@ -114,10 +122,13 @@ class TrunkSync:
             self.params[i].grad if self.params[i].grad is not None else torch.zeros_like(self.params[i])
             for i in self.buckets[b]
         ]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        handle = self.comm.all_reduce_async(flat, self.tag)
+        if self.compressor is not None:
+            handle = self.compressor.start(b, grads)  # its second all-reduce waits for finish()
+        else:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            handle = self.comm.all_reduce_async(flat if self.wire is None else flat.to(self.wire), self.tag)
         if not self.overlap:
-            handle.wait()
+            (handle.first if self.compressor is not None else handle).wait()
         self._inflight.append((b, handle))
         self._ready[b] = -1  # launched
 
@@ -129,8 +140,16 @@ class TrunkSync:
         for b, r in enumerate(self._ready):
             if r != -1:
                 self._launch(b)
-        for b, handle in self._inflight:
-            _write_back([self.params[i] for i in self.buckets[b]], handle.wait())
+        if self.compressor is not None:
+            # Every bucket's second all-reduce is issued in bucket order, after all first ones.
+            for _, pending in self._inflight:
+                self.compressor.middle(pending)
+            for b, pending in self._inflight:
+                sums = self.compressor.finish(pending)
+                _write_back([self.params[i] for i in self.buckets[b]], torch.cat([t.reshape(-1) for t in sums]))
+        for b, handle in [] if self.compressor is not None else self._inflight:
+            params = [self.params[i] for i in self.buckets[b]]
+            _write_back(params, handle.wait().to(params[0].dtype))
         self._inflight.clear()
         self._ready = [0] * len(self.buckets)
 

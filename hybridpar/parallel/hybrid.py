@@ -33,6 +33,7 @@ from hybridpar.models.split import split_model
 from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, TrunkSync, allreduce_gradients
 from hybridpar.parallel.head import shard_head
 from hybridpar.parallel.linear import ShardSpec
+from hybridpar.parallel.powersgd import PowerSGD
 from hybridpar.parallel.program import Move
 from hybridpar.parallel.rounds import loss_input, train_rounds
 from hybridpar.parallel.sync_bn import sync_batch_norms
@@ -60,6 +61,9 @@ class HybridModel(nn.Module):
         sync_bn: bool = True,
         trunk_sync: str = "bucketed",
         partition_cap: int = PARTITION_ELEMENTS,
+        trunk_comm_dtype: torch.dtype | None = None,
+        chunk_trunk: bool = False,
+        trunk_powersgd_rank: int = 0,
     ):
         super().__init__()
         K = comm.world_size
@@ -75,12 +79,25 @@ class HybridModel(nn.Module):
         # The dtype the features and their gradients travel in (None: as computed). bf16 halves
         # the activation bytes; every accumulation stays in the compute dtype.
         self.comm_dtype = comm_dtype
+        # The dtype the trunk's gradient sums travel and are added in (bf16: half the bytes;
+        # lossy, unlike everything else here, so opt-in).
+        self.trunk_comm_dtype = trunk_comm_dtype
         self.overlap = overlap
+        # Scheme (c): the trunk runs round by round (rounds.py), so features travel while convs run.
+        self.chunk_trunk = chunk_trunk and comm.world_size > 1
         if trunk_sync not in TRUNK_SYNCS:
             raise ShardingError(f"trunk_sync={trunk_sync!r} is not one of {', '.join(TRUNK_SYNCS)}")
+        if trunk_powersgd_rank and (trunk_sync != "bucketed" or trunk_comm_dtype is not None):
+            raise ShardingError(
+                "parallel.trunk_powersgd_rank compresses whole parameters bucket by bucket: it runs with "
+                "trunk_sync=bucketed and trunk_comm_dtype=fp32 (one compression at a time)"
+            )
+        self.powersgd_rank, self.seed = trunk_powersgd_rank, seed
         with MODEL_LOCK:  # tracing and cutting a model shared by emulated workers: one at a time
             self._build(model, plan, head, seed, bucket_cap, overlap, sync_bn)
             self._trunk_sync(trunk_sync, bucket_cap, partition_cap, overlap)
+            if self.chunk_trunk:
+                self._check_chunkable()
 
     def _build(self, model, plan, head, seed, bucket_cap, overlap, sync_bn) -> None:
         comm, world = self.comm, self.world
@@ -125,16 +142,35 @@ class HybridModel(nn.Module):
         world = self.world
         self.pipelined = kind == "pipelined" and world.world_size > 1
         if not self.pipelined:
-            self.trunk_sync = TrunkSync(self.trunk_parameters(), world, bucket_cap=bucket_cap, overlap=overlap)
+            compressor = PowerSGD(world, self.powersgd_rank, seed=self.seed) if self.powersgd_rank else None
+            self.trunk_sync = TrunkSync(
+                self.trunk_parameters(),
+                world,
+                bucket_cap=bucket_cap,
+                overlap=overlap,
+                wire=self.trunk_comm_dtype,
+                compressor=compressor,
+            )
             return
         # Its own group: the sums never queue behind the head's moves, nor they behind the sums.
         trunk_comm = world.split([list(range(world.world_size))])
         named = self._trunk_in_forward_order()
         self.trunk_sync = PipelinedTrunkSync(
-            named, trunk_comm, world, cap=partition_cap, window=WINDOW if overlap else 0
+            named, trunk_comm, world, cap=partition_cap, window=WINDOW if overlap else 0, wire=self.trunk_comm_dtype
         )
         self._hook_owners([o for o, _ in named])
         self._trunk.before = functools.partial(_before_attribute, weakref.ref(self.trunk_sync), self)
+
+    def _check_chunkable(self) -> None:
+        """A trunk run in chunks gives the gradients of one pass only if it treats every example
+        on its own: BatchNorm (training) would normalise each chunk by itself."""
+        for name in self.split.trunk_module_names():
+            for sub, m in self.get_submodule(name).named_modules(prefix=name):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):  # synchronised ones included
+                    raise ShardingError(
+                        f"parallel.chunk_trunk runs the trunk on each round's rows apart, and {sub} is a "
+                        "BatchNorm: it would normalise by the chunk, not the batch; leave chunk_trunk off for this model"
+                    )
 
     def _trunk_in_forward_order(self) -> list[tuple[str, nn.Parameter]]:
         """``(owner, parameter)`` for every trunk parameter, in the order the forward first uses
@@ -229,6 +265,11 @@ class HybridModel(nn.Module):
         after every round, on the mean over that round's examples (FC batch b, conv batch K·b);
         the conv layers still get the mean over all K·b examples.
         """
+        if self.chunk_trunk and scheme != "c":
+            raise ShardingError(
+                f"parallel.chunk_trunk runs the trunk round by round, with every worker's rows in every round: "
+                f"scheme c, not {scheme!r}"
+            )
         if fc_batch == "chunk" and self.replicas is not None:
             raise ShardingError(
                 "parallel.fc_batch=chunk updates the head shards every round; the 2-D layout "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridpar.parallel.program import Move, scheme_rounds
+from hybridpar.parallel.program import scheme_rounds
 
 
 def own_rows(sizes: list[list[int]], rank: int) -> list[slice]:
@@ -43,41 +43,95 @@ def train_rounds(model, x, y, scheme: str, fc_batch: str, optimizer, autocast) -
     of every round, the trunk's backward, the trunk's gradient sum. Returns this worker's share of
     the global-mean loss and its examples' logits (both detached)."""
     model.comm.agree("local batch shape", tuple(x.shape))
+    if model.chunk_trunk:
+        return _train_chunked(model, x, y, scheme, fc_batch, optimizer, autocast)
     first = model.first_move
     with autocast():
         h0 = model.run_program(model.program[:first], model.forward_trunk(x), [])
-    loop = _Rounds(model, model.program[first], h0, scheme, fc_batch, optimizer)
+    loop = _Rounds(model, scheme, h0.shape[0], fc_batch, optimizer)
+    loop.start([h0[r] for r in loop.rows])
     for j in range(model.comm.world_size):
         loop.round(j, y, autocast)
-    h0.backward(loop.input_grad())
+    h0.backward(loop.input_grad(h0))
     model.sync_gradients()
     return loop.loss_share, torch.cat(loop.logits)
+
+
+def _train_chunked(model, x, y, scheme, fc_batch, optimizer, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """``parallel.chunk_trunk``: the trunk runs round by round on this worker's rows of the round.
+    Round j's features travel while round j+1's rows go through the convolutions, and round j's
+    trunk backward runs as soon as its feature gradients are back, while later rounds compute.
+    The same gradients as one pass where the trunk is per-example (no BatchNorm: refused at
+    build); the trunk's gradient sync counts a parameter ready only on the last chunk's backward."""
+    K, first = model.comm.world_size, model.first_move
+    loop = _Rounds(model, scheme, x.shape[0], fc_batch, optimizer)
+    chunks = []
+    for j in range(K):
+        with autocast():
+            chunks.append(model.run_program(model.program[:first], model.forward_trunk(x[loop.rows[j]]), []))
+        loop.start_round(j, chunks[j])  # travels while the next chunk computes
+    for j in range(K):
+        loop.round(j, y, autocast)
+        if j > 0:
+            _chunk_backward(model, chunks[j - 1], loop.returned(j - 1), last=False)
+    _chunk_backward(model, chunks[-1], loop.returned(K - 1), last=True)
+    model.sync_gradients()
+    return loop.loss_share, torch.cat(loop.logits)
+
+
+def _chunk_backward(model, h: torch.Tensor, grad: torch.Tensor, last: bool) -> None:
+    if h.shape[0] == 0:
+        return
+    model.trunk_sync.armed = last  # earlier chunks only accumulate: the sums start after the last
+    try:
+        h.backward(grad.to(h.dtype))
+    finally:
+        model.trunk_sync.armed = True
 
 
 class _Rounds:
     """The state of one step's rounds: features in flight, gradients on their way back."""
 
-    def __init__(self, model, move: Move, h0: torch.Tensor, scheme: str, fc_batch: str, optimizer):
-        self.model, self.move, self.h0, self.fc_batch, self.optimizer = model, move, h0, fc_batch, optimizer
+    def __init__(self, model, scheme: str, local_batch: int, fc_batch: str, optimizer):
+        self.model, self.move, self.fc_batch, self.optimizer = (
+            model,
+            model.program[model.first_move],
+            fc_batch,
+            optimizer,
+        )
         self.comm = model.comm
-        self.total = model.world.world_size * h0.shape[0]  # the global batch: every group's rounds
-        self.sizes = scheme_rounds(scheme, h0.shape[0], self.comm.world_size)
+        self.total = model.world.world_size * local_batch  # the global batch: every group's rounds
+        self.sizes = scheme_rounds(scheme, local_batch, self.comm.world_size)
         self.rows = own_rows(self.sizes, self.comm.rank)
-        self.wire = model.comm_dtype or h0.dtype
-        self.sent = h0.detach().to(self.wire)
-        self.pending = {0: self._issue(0)}
-        self.returns: list[tuple[int, object]] = []
+        self.sent: dict[int, torch.Tensor] = {}
+        self.pending: dict[int, object] = {}
+        self.returns: dict[int, object] = {}
         self.logits: list[torch.Tensor] = []
-        self.loss_share, self.snapshot, self.finite = 0.0, None, True
+        self.loss_share, self.snapshot, self.finite, self.dtype = 0.0, None, True, None
+
+    def start(self, parts: Sequence[torch.Tensor]) -> None:
+        """This worker's rows of every round, known at once; round 0's leave now."""
+        for j, part in enumerate(parts):
+            self._keep(j, part)
+        self._issue(0)
+
+    def start_round(self, j: int, part: torch.Tensor) -> None:
+        """Round ``j``'s rows, as soon as they exist; they leave at once."""
+        self._keep(j, part)
+        self._issue(j)
+
+    def _keep(self, j: int, part: torch.Tensor) -> None:
+        self.dtype = part.dtype
+        self.sent[j] = part.detach().to(self.model.comm_dtype or part.dtype)
 
     def _issue(self, j: int):
-        return self.move.spec.send(self.sent[self.rows[j]], self.comm, self.sizes[j], self.move.tag)
+        self.pending[j] = self.move.spec.send(self.sent[j], self.comm, self.sizes[j], self.move.tag)
 
     def round(self, j: int, y: torch.Tensor, autocast) -> None:
         K, overlap = self.comm.world_size, self.model.overlap
-        if overlap and j + 1 < K:
-            self.pending[j + 1] = self._issue(j + 1)  # next round's features travel while this one computes
-        inp = torch.cat(self.pending.pop(j).wait(), 0).to(self.h0.dtype).requires_grad_()
+        if overlap and j + 1 < K and j + 1 not in self.pending and j + 1 in self.sent:
+            self._issue(j + 1)  # next round's features travel while this one computes
+        inp = torch.cat(self.pending.pop(j).wait(), 0).to(self.dtype).requires_grad_()
         with autocast():
             logits = self.model.run_program(self.model.program[self.model.first_move + 1 :], inp, self.sizes[j])
         ce = F.cross_entropy(loss_input(logits), y[self.rows[j]], reduction="sum")
@@ -89,14 +143,18 @@ class _Rounds:
         if self.fc_batch == "chunk":
             self._update_head(ce)
             g = g * (n_j / self.total)  # the trunk still sees the mean over all K·b examples
-        back = self.move.spec.send_back(
-            g.to(self.wire), self.comm, self.sizes[j], self.move.width, self.move.tag + ".grad"
+        wire = self.model.comm_dtype or self.dtype
+        self.returns[j] = self.move.spec.send_back(
+            g.to(wire), self.comm, self.sizes[j], self.move.width, self.move.tag + ".grad"
         )
-        self.returns.append((j, back))
         if not overlap:
-            back.wait()
-            if j + 1 < K:
-                self.pending[j + 1] = self._issue(j + 1)
+            self.returns[j].wait()
+            if j + 1 < K and j + 1 not in self.pending and j + 1 in self.sent:
+                self._issue(j + 1)
+
+    def returned(self, j: int) -> torch.Tensor:
+        """The gradient of this worker's rows of round ``j`` (waits for it)."""
+        return self.move.spec.collect_back(self.returns.pop(j).wait())
 
     def _update_head(self, ce: torch.Tensor) -> None:
         """fc_batch=chunk: the head takes a step after this round. It updates inside the step,
@@ -115,11 +173,11 @@ class _Rounds:
         for p in head:
             p.grad = None
 
-    def input_grad(self) -> torch.Tensor:
+    def input_grad(self, h0: torch.Tensor) -> torch.Tensor:
         """The gradient of this worker's head input, every round's part back in its rows."""
-        grad = torch.zeros_like(self.h0)
-        for j, handle in self.returns:
-            grad[self.rows[j]] += self.move.spec.collect_back(handle.wait()).to(grad.dtype)
+        grad = torch.zeros_like(h0)
+        for j in sorted(self.returns):
+            grad[self.rows[j]] += self.returned(j).to(grad.dtype)
         return grad
 
 

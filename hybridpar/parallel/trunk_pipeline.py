@@ -85,11 +85,14 @@ class PipelinedTrunkSync:
         cap: int = PARTITION_ELEMENTS,
         window: int = WINDOW,
         tag: str = "trunk_grads",
+        wire: torch.dtype | None = None,
     ):
         self.owners = [o for o, _ in named]
         self.params = [p for _, p in named]
         self.comm, self.control, self.tag = comm, control, tag
         self.window = window
+        self.wire = wire  # the dtype the sums travel and are added in (None: the gradients')
+        self.armed = True  # False: a backward that only accumulates (a trunk chunk before the last)
         self.parts = partitions([p.numel() for p in self.params], cap)
         self._parts_of: list[list[int]] = [[] for _ in self.params]  # the partitions each parameter spans
         for j, part in enumerate(self.parts):
@@ -137,6 +140,8 @@ class PipelinedTrunkSync:
     # ---- backward: sums issued as gradients become ready -----------------------------------
 
     def _ready_one(self, i: int) -> None:
+        if not self.armed:
+            return
         for j in self._parts_of[i]:
             self._ready[j] += 1
         self._issue_ready()
@@ -161,7 +166,8 @@ class PipelinedTrunkSync:
             self._copied[piece.param] += 1
             if self._copied[piece.param] == len(self._parts_of[piece.param]):
                 p.grad = None  # copied out: the optimizer's own step() leaves the trunk alone
-        self._handles[j] = self.comm.all_reduce_async(torch.cat(pieces), self.tag)
+        flat = torch.cat(pieces)
+        self._handles[j] = self.comm.all_reduce_async(flat if self.wire is None else flat.to(self.wire), self.tag)
 
     def finish(self) -> None:
         """End of the backward: agree how far the backward order got, then issue the rest in
@@ -207,7 +213,7 @@ class PipelinedTrunkSync:
             return
         for j in sorted({j for i in todo for j in self._parts_of[i]}):
             if self._sums[j] is None:
-                self._sums[j] = self._handles[j].wait()
+                self._sums[j] = self._handles[j].wait().to(self.params[self.parts[j][0].param].dtype)
                 self._handles[j] = None
         for i in todo:
             pieces = []

@@ -150,40 +150,16 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     split = split_model(full, cfg.model.head)
 
     if cfg.parallel.scheme != "ddp":
-        model = HybridModel(
-            full,
-            comm,
-            plan=_plan(cfg.parallel.plan),
-            head=cfg.model.head,
-            seed=cfg.seed,
-            comm_dtype=torch.bfloat16 if cfg.parallel.comm_dtype == "bf16" else None,
-            overlap=cfg.parallel.overlap,
-            bucket_cap=int(cfg.parallel.bucket_mb * 2**20 / 4),
-            fc_group_size=_group_size(cfg, full, K, b),
-            sync_bn=cfg.parallel.sync_bn,
-            trunk_sync=cfg.parallel.trunk_sync,
-            trunk_comm_dtype=torch.bfloat16 if cfg.parallel.trunk_comm_dtype == "bf16" else None,
-            chunk_trunk=cfg.parallel.chunk_trunk,
-            trunk_powersgd_rank=cfg.parallel.trunk_powersgd_rank,
-        ).to(device)
-        plain = model
+        model = plain = _hybrid(cfg, full, comm, device, b)
     else:
-        plain = full.to(device)
-        model = plain
-        if isinstance(comm, DistCommunicator) and K > 1:
-            model = nn.parallel.DistributedDataParallel(
-                plain, device_ids=[device] if device.type == "cuda" else None, process_group=comm.group
+        compressed = cfg.parallel.trunk_comm_dtype != "fp32" or cfg.parallel.trunk_powersgd_rank
+        if compressed and K > 1 and not isinstance(comm, DistCommunicator):
+            raise ConfigError(
+                "the DDP baseline compresses with torch's DDP hooks, which need torchrun: "
+                "the emulated workers average in fp32 (drop trunk_comm_dtype / trunk_powersgd_rank)"
             )
-            hook = ledger_allreduce_hook
-            if cfg.parallel.trunk_comm_dtype == "bf16":  # DDP's own bf16 compression, for a like-for-like baseline
-                hook = default_hooks.bf16_compress_wrapper(hook)
-            if cfg.parallel.trunk_powersgd_rank:  # and its own PowerSGD (bytes not in the ledger)
-                state = powerSGD_hook.PowerSGDState(
-                    comm.group, matrix_approximation_rank=cfg.parallel.trunk_powersgd_rank, start_powerSGD_iter=2
-                )
-                model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-            else:
-                model.register_comm_hook(comm, hook)
+        plain = full.to(device)
+        model = _ddp(cfg, plain, comm, device) if isinstance(comm, DistCommunicator) and K > 1 else plain
     # The conv layers see a batch of K·b per update (the loss is the mean over it); the paper's
     # variance argument scales their rate by √K relative to the configured one, linear by K.
     conv_lr = cfg.optim.lr * LR_SCALES[cfg.optim.conv_lr_scale](K)
@@ -207,6 +183,49 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
     )
     _fast_path(cfg, model if cfg.parallel.scheme != "ddp" else plain, split.trunk_module_names(), device)
     return Setup(model, plain, optimizer, b, loader, data.val, data.num_classes)
+
+
+def _hybrid(cfg: DictConfig, full: nn.Module, comm: Communicator, device: torch.device, b: int) -> HybridModel:
+    p = cfg.parallel
+    return HybridModel(
+        full,
+        comm,
+        plan=_plan(p.plan),
+        head=cfg.model.head,
+        seed=cfg.seed,
+        comm_dtype=torch.bfloat16 if p.comm_dtype == "bf16" else None,
+        overlap=p.overlap,
+        bucket_cap=int(p.bucket_mb * 2**20 / 4),
+        fc_group_size=_group_size(cfg, full, comm.world_size, b),
+        sync_bn=p.sync_bn,
+        trunk_sync=p.trunk_sync,
+        trunk_comm_dtype=torch.bfloat16 if p.trunk_comm_dtype == "bf16" else None,
+        chunk_trunk=p.chunk_trunk,
+        trunk_powersgd_rank=p.trunk_powersgd_rank,
+    ).to(device)
+
+
+def _ddp(cfg: DictConfig, plain: nn.Module, comm: DistCommunicator, device: torch.device) -> nn.Module:
+    """The DDP baseline with the same compression settings as the hybrid's trunk, by torch's own
+    hooks: bf16 (bytes in the ledger) or PowerSGD (not). PowerSGD's hook issues its follow-up
+    all-reduces from future callbacks, whose order across two buckets in flight differs between
+    workers on gloo (a reset connection, seen on two hosts): one bucket for the whole model."""
+    rank = cfg.parallel.trunk_powersgd_rank
+    model = nn.parallel.DistributedDataParallel(
+        plain,
+        device_ids=[device] if device.type == "cuda" else None,
+        process_group=comm.group,
+        **({"bucket_cap_mb": 2**16} if rank else {}),
+    )
+    if rank:
+        state = powerSGD_hook.PowerSGDState(comm.group, matrix_approximation_rank=rank, start_powerSGD_iter=2)
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        return model
+    bf16 = cfg.parallel.trunk_comm_dtype == "bf16"
+    model.register_comm_hook(
+        comm, default_hooks.bf16_compress_wrapper(ledger_allreduce_hook) if bf16 else ledger_allreduce_hook
+    )
+    return model
 
 
 def _fast_path(cfg: DictConfig, model: nn.Module, trunk_names: list[str], device: torch.device) -> None:

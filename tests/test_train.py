@@ -144,6 +144,10 @@ BAD = [
     (["parallel.comm_dtype=fp16"], "parallel.comm_dtype='fp16' is not one of fp32, bf16"),
     (["optim.conv_lr_scale=cubic"], "optim.conv_lr_scale='cubic' is not one of none, sqrt, linear"),
     (["parallel.trunk_comm_dtype=fp16"], "parallel.trunk_comm_dtype='fp16' is not one of fp32, bf16"),
+    (
+        ["parallel.scheme=ddp", "parallel.emulate=2", "parallel.trunk_powersgd_rank=2"],
+        "the DDP baseline compresses with torch's DDP hooks, which need torchrun",
+    ),
     (["parallel.trunk_sync=eventually"], "parallel.trunk_sync='eventually' is not one of bucketed, pipelined"),
     (["parallel.chunk_trunk=true"], "parallel.chunk_trunk runs the trunk round by round"),
     (
@@ -305,3 +309,30 @@ def test_schemes_b_c_chunk_and_conv_lr_scale_from_the_command_line(tmp_path):
         summary = json.loads((_run_dir(proc) / "summary.json").read_text())
         assert summary["scheme"] == scheme and summary["steps"] == 4
         assert summary["lr"]["conv"] == pytest.approx(conv_lr) and summary["lr"]["fc"] == pytest.approx(0.01)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("compression", ["parallel.trunk_comm_dtype=bf16", "parallel.trunk_powersgd_rank=2"])
+def test_ddp_baseline_with_torchs_compression_hooks(tmp_path, compression):
+    """The baseline's best settings run through the app: torch DDP with its bf16 hook (bytes halved
+    in the ledger) or its PowerSGD hook (one bucket: see trainer._ddp)."""
+    proc = _run(
+        [
+            *TORCHRUN,
+            *TRAIN,
+            "parallel.scheme=ddp",
+            compression,
+            "trainer.max_steps=4",
+            "logger=none",
+            "trainer.progress=false",
+            f"output_root={tmp_path}/runs",
+        ],
+        tmp_path,
+        timeout=200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((_run_dir(proc) / "summary.json").read_text())
+    assert s["steps"] == 4 and math.isfinite(s["train_loss"])
+    n = sum(p.numel() for p in alexnet_small(10, in_channels=1, channels=(32, 64, 96, 64, 64), hidden=512).parameters())
+    if "bf16" in compression:
+        assert s["comm_bytes_per_step"] == 2 * n  # K = 2: n elements each way, in bf16

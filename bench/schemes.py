@@ -34,19 +34,35 @@ from hybridpar.parallel import HybridModel
 from hybridpar.parallel.cost import allreduce_bytes, ddp_step_bytes
 
 
+def variant_options(scheme: str, variant: str) -> dict | None:
+    """The hybrid's options of a trunk variant: ``bucketed`` | ``pipelined``, with ``+chunk`` (the
+    trunk round by round: schemes b, c), ``+mbN`` (scheme a in N micro-batches) and/or ``+bf16``
+    (the trunk's sums in bf16); None where the variant does not apply to ``scheme``."""
+    trunk_sync, *flags = variant.split("+")
+    micro = next((int(f[2:]) for f in flags if f.startswith("mb")), 1)
+    if ("chunk" in flags and scheme == "a") or (micro > 1 and scheme != "a"):
+        return None
+    return {
+        "trunk_sync": trunk_sync,
+        "chunk_trunk": "chunk" in flags,
+        "micro_batches": micro,
+        "bf16": "bf16" in flags,
+    }
+
+
 def run(
     comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int, variant: str = "bucketed"
 ) -> dict[str, float]:
-    """``variant``: ``bucketed`` | ``pipelined``, with ``+chunk`` (the trunk round by round) and/or
-    ``+bf16`` (the trunk's sums in bf16)."""
-    trunk_sync, *flags = variant.split("+")
+    """``variant``: see :func:`variant_options`."""
+    opts = variant_options(scheme, variant)
     model = HybridModel(
         build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
         comm,
         overlap=overlap,
-        trunk_sync=trunk_sync,
-        chunk_trunk="chunk" in flags,
-        trunk_comm_dtype=torch.bfloat16 if "bf16" in flags else None,
+        trunk_sync=opts["trunk_sync"],
+        chunk_trunk=opts["chunk_trunk"],
+        micro_batches=opts["micro_batches"],
+        trunk_comm_dtype=torch.bfloat16 if opts["bf16"] else None,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
@@ -181,20 +197,10 @@ def trunk_sync_times(comm, n: int, reps: int = 7) -> dict[str, float]:
 
 
 def _row(comm, args, scheme: str, variant: str, serial: dict, profile, link) -> dict:
-    """One table row: ``scheme`` overlapped with ``variant`` (``bucketed`` | ``pipelined``, optionally
-    ``+chunk``), next to its serialised run."""
-    trunk_sync, *flags = variant.split("+")
+    """One table row: ``scheme`` overlapped with ``variant`` (:func:`variant_options`), next to its
+    serialised run."""
     overlapped = run(comm, scheme, True, args.batch, args.steps, args.warmup, variant)
-    pred = costmodel.step_time(
-        profile,
-        link,
-        scheme,
-        comm.world_size,
-        args.batch,
-        trunk_sync=trunk_sync,
-        chunk_trunk="chunk" in flags,
-        grad_itemsize=2 if "bf16" in flags else 4,
-    )
+    pred = predict(profile, link, scheme, variant, comm.world_size, args.batch)
     return {
         "scheme": scheme if variant == "bucketed" else f"{scheme}/{variant}",
         "step": overlapped["step"],
@@ -213,6 +219,22 @@ def _row(comm, args, scheme: str, variant: str, serial: dict, profile, link) -> 
     }
 
 
+def predict(profile, link, scheme: str, variant: str, K: int, b: int) -> costmodel.StepTime:
+    """The cost model's step for a hybrid ``scheme`` with a trunk ``variant``."""
+    opts = variant_options(scheme, variant)
+    return costmodel.step_time(
+        profile,
+        link,
+        scheme,
+        K,
+        b,
+        trunk_sync=opts["trunk_sync"],
+        chunk_trunk=opts["chunk_trunk"],
+        micro_batches=opts["micro_batches"],
+        grad_itemsize=2 if opts["bf16"] else 4,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -222,7 +244,8 @@ def main() -> None:
     ap.add_argument(
         "--trunk-sync",
         default="bucketed",
-        help="comma list of bucketed, pipelined, each optionally +chunk (scheme c only): each hybrid scheme runs with each",
+        help="comma list of bucketed, pipelined, each optionally +chunk (schemes b, c), +mbN (scheme a) and/or "
+        "+bf16: each hybrid scheme runs with each that applies to it",
     )
     ap.add_argument("--rate", default="", help="the link's nominal rate (recorded only), e.g. 1gbit")
     ap.add_argument("--json", help="append the results as one JSON line to this file (rank 0)")
@@ -279,7 +302,7 @@ def main() -> None:
             continue
         serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
         for variant in args.trunk_sync.split(","):
-            if "+chunk" in variant and scheme != "c":
+            if variant_options(scheme, variant) is None:
                 continue
             rows.append(_row(comm, args, scheme, variant, serial, profile, link))
     sync = trunk_sync_times(comm, sum(p.numel() for p in alexnet(1000).features.parameters()))

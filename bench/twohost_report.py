@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 
 from docs_section import DOCS, write_section
+from schemes import predict as predict_hybrid
 
 from hybridpar import costmodel
 
 DDP_HOOKS = ("", "bf16", "powersgd")  # torch's default all-reduce, bf16_compress_hook, powerSGD_hook
-VARIANTS = ("bucketed", "pipelined", "pipelined+chunk", "pipelined+bf16")
+VARIANTS = ("bucketed", "pipelined", "pipelined+chunk", "pipelined+mb4", "pipelined+mb8", "pipelined+bf16")
 
 
 def parse(label: str) -> tuple[str, str]:
@@ -47,17 +48,7 @@ def predict(prof, link, label: str, K: int, b: int) -> float | None:
         if variant == "powersgd":
             return None  # not modelled
         return costmodel.step_time(prof, link, "ddp", K, b, grad_itemsize=2 if variant == "bf16" else 4).step_s
-    trunk_sync, *flags = variant.split("+")
-    return costmodel.step_time(
-        prof,
-        link,
-        scheme,
-        K,
-        b,
-        trunk_sync=trunk_sync,
-        chunk_trunk="chunk" in flags,
-        grad_itemsize=2 if "bf16" in flags else 4,
-    ).step_s
+    return predict_hybrid(prof, link, scheme, variant, K, b).step_s
 
 
 def ddp_hook_bytes(records: list[dict]) -> None:
@@ -199,6 +190,8 @@ def plot(records: list[dict], path: Path) -> None:
         "bucketed": "o",
         "pipelined": "s",
         "pipelined+chunk": "^",
+        "pipelined+mb4": "v",
+        "pipelined+mb8": "D",
         "pipelined+bf16": "D",
         "": "o",
         "bf16": "D",

@@ -122,7 +122,8 @@ class ParallelConfig:
     overlap: bool = True
     bucket_mb: float = TRUNK_BUCKET_ELEMENTS * 4 / 2**20  # trunk gradient buckets, MB of fp32
     trunk_sync: str = "bucketed"  # bucketed | pipelined
-    chunk_trunk: bool = False  # scheme c: the trunk runs round by round (features travel while convs run)
+    chunk_trunk: bool = False  # scheme b/c: the trunk runs round by round (features travel while convs run)
+    micro_batches: int = 1  # scheme a: m > 1 runs the step in m rounds, the trunk micro-batch by micro-batch
     emulate: int = 1
     sync_bn: bool = True
     fc_group_size: Any = None  # null | G | auto

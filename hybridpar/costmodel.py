@@ -409,6 +409,7 @@ def step_time(
     fc_group_size: int | None = None,
     trunk_sync: str = "bucketed",
     chunk_trunk: bool = False,
+    micro_batches: int = 1,
     grad_itemsize: int = GRAD_ITEMSIZE,
 ) -> StepTime:
     """Predicted time of one training step with ``K`` workers, ``b`` images each.
@@ -417,19 +418,23 @@ def step_time(
     workers (its moves stay in the group), and each shard's gradient is all-reduced over the K/G
     workers holding it, issued when the head's backward is done; the trunk's over all K.
     ``trunk_sync="pipelined"``: the trunk's sums pipelined across the step boundary
-    (``trunk_pipeline.py``); ``chunk_trunk`` (scheme c): the trunk round by round (``rounds.py``);
-    with either, the step time is the period of consecutive steps. ``grad_itemsize=2``: the trunk's
+    (``trunk_pipeline.py``); ``chunk_trunk`` (schemes b, c) or ``micro_batches = m`` (scheme a, m
+    rounds): the trunk round by round (``rounds.py``); with any of them, the step time is the
+    period of consecutive steps. ``grad_itemsize=2``: the trunk's
     (DDP: all) gradient sums travel in bf16."""
     G = fc_group_size or K
     if K % G:
         raise ValueError(f"fc_group_size {G} must divide the number of workers {K}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if (chunk_trunk and scheme == "a") or (micro_batches > 1 and scheme != "a"):
+        raise ValueError("chunk_trunk runs with schemes b and c, micro_batches with scheme a")
     if scheme == "ddp":
         tl, sent, done, n_opt = _ddp_step(profile, link, K, b, grad_itemsize)
-    elif K > 1 and (trunk_sync == "pipelined" or chunk_trunk):
+    elif K > 1 and (trunk_sync == "pipelined" or chunk_trunk or micro_batches > 1):
         step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
-        return step.steady(scheme, trunk_sync == "pipelined", chunk_trunk, bucket_cap)
+        rounds = scheme_rounds(scheme, b, G, micro_batches) if chunk_trunk or micro_batches > 1 else None
+        return step.steady(scheme, trunk_sync == "pipelined", rounds, bucket_cap)
     else:
         step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
         tl, sent, done, n_opt = step.run(scheme, bucket_cap)
@@ -457,22 +462,21 @@ def _ddp_step(
 
 
 class _Partitions:
-    """The pipelined trunk sync's partitions over a profile's trunk, and where each stage sits:
-    ``first``/``last``, the partitions its parameters span; ``start``, its first element in the
-    flat forward order."""
+    """The pipelined trunk sync's partitions (``trunk_pipeline.partitions``, the code's own cut)
+    over a profile's trunk: ``sizes``; ``spans[s]``, the partitions stage s's parameters span;
+    ``stage[j]``, the stage of partition j's first piece (j is ready once that stage's backward is
+    done: every later piece belongs to a stage whose backward ran before)."""
 
     def __init__(self, profile: Profile):
-        self.sizes = [sum(p.hi - p.lo for p in part) for part in partitions(profile.trunk_params, PARTITION_ELEMENTS)]
-        self.first: list[int] = []
-        self.last: list[int] = []
-        self.start: list[int] = []
-        at = 0
-        for stage in profile.trunk:
-            n = sum(stage.params)
-            self.start.append(at)
-            self.first.append(at // PARTITION_ELEMENTS)
-            self.last.append((at + max(n, 1) - 1) // PARTITION_ELEMENTS)
-            at += n
+        stage_of = [s for s, stage in enumerate(profile.trunk) for _ in stage.params]
+        parts = partitions(profile.trunk_params, PARTITION_ELEMENTS)
+        self.sizes = [sum(p.hi - p.lo for p in part) for part in parts]
+        self.stage = [stage_of[part[0].param] for part in parts]
+        self.spans: list[list[int]] = [[] for _ in profile.trunk]
+        for j, part in enumerate(parts):
+            for piece in part:
+                if not self.spans[stage_of[piece.param]] or self.spans[stage_of[piece.param]][-1] != j:
+                    self.spans[stage_of[piece.param]].append(j)
 
 
 class _HybridStep:
@@ -518,20 +522,20 @@ class _HybridStep:
         else:
             self.rounds(scheme_rounds(scheme, self.b, self.G), program[0], program[1:])
 
-    def steady(self, scheme: str, pipelined: bool, chunked: bool, bucket_cap: int, steps: int = 4) -> StepTime:
-        """Consecutive steps with ``trunk_sync=pipelined`` and/or ``chunk_trunk``; the step time is
-        the period of the last two (the first has nothing pending).
+    def steady(
+        self, scheme: str, pipelined: bool, chunks: list[list[int]] | None, bucket_cap: int, steps: int = 4
+    ) -> StepTime:
+        """Consecutive steps with ``trunk_sync=pipelined`` and/or the trunk in ``chunks`` (the
+        rounds' sizes); the step time is the period of the last two (the first has nothing pending).
 
         Pipelined: before each trunk stage runs, its partitions of the previous step's sums must be
         in (and its update applied); during the backward, partitions are issued deepest first as
         they are ready, at most ``WINDOW`` unfinished; at its end the rest go out in forward order.
-        Chunked (scheme c): round j's rows go through the trunk and leave; after all chunks, round
-        j's head runs, its gradients return, and chunk j-1's trunk backward runs meanwhile; only
-        the last chunk's backward issues the sums."""
+        Chunked: round j's rows go through the trunk and leave; after all chunks, round j's head
+        runs, its gradients return, and chunk j-1's trunk backward runs meanwhile; only the last
+        chunk's backward issues the sums."""
         if self.K > self.G:
             raise ValueError("the cost model pipelines the 1-D hybrid's trunk only (fc_group_size = workers)")
-        if chunked and scheme != "c":
-            raise ValueError("chunk_trunk runs with scheme c only")
         tl, prof = self.tl, self.profile
         layout = _Partitions(prof) if pipelined else None
         done: list[float] = [0.0] * (len(layout.sizes) if layout else 0)
@@ -540,8 +544,8 @@ class _HybridStep:
             starts.append(tl.cpu)
             self.sent = 0
             self.agree(queued=not pipelined)
-            if chunked:
-                issued = self.chunked_rounds(done, layout, bucket_cap)
+            if chunks is not None:
+                issued = self.chunked_rounds(chunks, done, layout, bucket_cap)
             else:
                 self.trunk_forward(self.b, done, layout)
                 self.head(scheme)
@@ -567,7 +571,7 @@ class _HybridStep:
         partitions of the previous step's sums and applies its update first."""
         for s, stage in enumerate(self.profile.trunk):
             if layout is not None:
-                self.tl.wait(max(done[layout.first[s] : layout.last[s] + 1], default=0.0))
+                self.tl.wait(max((done[j] for j in layout.spans[s]), default=0.0))
                 self.tl.run(sum(stage.params) * self.profile.opt_s_per_param)
             self.tl.run(stage.fwd_s * rows)
 
@@ -582,7 +586,7 @@ class _HybridStep:
         for s in reversed(range(len(trunk))):
             tl.run(trunk[s].bwd_s * rows)
             # Partition nxt is ready once every stage it spans is through its backward.
-            while nxt >= 0 and nxt * PARTITION_ELEMENTS >= layout.start[s] and sum(t > tl.cpu for t in issued) < WINDOW:
+            while nxt >= 0 and layout.stage[nxt] >= s and sum(t > tl.cpu for t in issued) < WINDOW:
                 issued[nxt] = tl.issue(_allreduce_time(link, layout.sizes[nxt], K, self.gi))
                 nxt -= 1
         tl.cpu += link.time(K - 1, 1, AGREE_ITEMSIZE)  # the agreement, on the idle world group
@@ -590,14 +594,16 @@ class _HybridStep:
             issued[j] = tl.issue(_allreduce_time(link, layout.sizes[j], K, self.gi))
         return issued
 
-    def chunked_rounds(self, done: Sequence[float], layout: _Partitions | None, bucket_cap: int) -> list[float]:
-        """Scheme (c) with ``chunk_trunk`` (``rounds._train_chunked``)."""
-        tl, G = self.tl, self.G
+    def chunked_rounds(
+        self, rounds: list[list[int]], done: Sequence[float], layout: _Partitions | None, bucket_cap: int
+    ) -> list[float]:
+        """The trunk chunk by chunk (``rounds._train_chunked``), seen from the last worker (in (b)
+        its one chunk is the last round's: it sets the pace)."""
+        tl, R = self.tl, len(rounds)
         program = _head_program(self.widths, self.styles)
-        rounds = scheme_rounds("c", self.b, G)
         pending, returns = {}, {}
         for j, betas in enumerate(rounds):
-            self.trunk_forward(betas[0], done if j == 0 else [], layout if j == 0 else None)
+            self.trunk_forward(betas[-1], done if j == 0 else [], layout if j == 0 else None)
             pending[j] = tl.issue(self.move(program[0], betas, False))
         for j, betas in enumerate(rounds):
             tl.wait(pending.pop(j))
@@ -606,9 +612,9 @@ class _HybridStep:
             returns[j] = tl.issue(self.move(program[0], betas, True))
             if j > 0:
                 tl.wait(returns.pop(j - 1))
-                tl.run(sum(s.bwd_s for s in self.profile.trunk) * rounds[j - 1][0])
-        tl.wait(returns.pop(G - 1))
-        return self.trunk_backward(rounds[-1][0], layout, bucket_cap)
+                tl.run(sum(s.bwd_s for s in self.profile.trunk) * rounds[j - 1][-1])
+        tl.wait(returns.pop(R - 1))
+        return self.trunk_backward(rounds[-1][-1], layout, bucket_cap)
 
     def linear(self, i: int, rows: int, backward: bool) -> None:
         f = _linear_flops(*self.widths[i], self.styles[i], rows, self.G)

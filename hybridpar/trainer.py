@@ -101,10 +101,15 @@ def validate(cfg: DictConfig) -> None:
             "parallel.trunk_powersgd_rank runs with parallel.trunk_sync=bucketed and parallel.trunk_comm_dtype=fp32 "
             "(it compresses whole parameters, one compression at a time)"
         )
-    if cfg.parallel.chunk_trunk and cfg.parallel.scheme != "c":
+    if cfg.parallel.chunk_trunk and cfg.parallel.scheme not in ("b", "c"):
         raise ConfigError(
-            f"parallel.chunk_trunk runs the trunk round by round, every worker's rows in every round: "
-            f"it needs parallel.scheme=c, not {cfg.parallel.scheme!r}"
+            f"parallel.chunk_trunk runs the trunk round by round: it needs parallel.scheme=b or c, not "
+            f"{cfg.parallel.scheme!r} (scheme a: parallel.micro_batches)"
+        )
+    if cfg.parallel.micro_batches < 1 or (cfg.parallel.micro_batches > 1 and cfg.parallel.scheme != "a"):
+        raise ConfigError(
+            f"parallel.micro_batches={cfg.parallel.micro_batches} must be a positive integer, above 1 only with "
+            f"parallel.scheme=a (schemes b and c have their rounds: parallel.chunk_trunk)"
         )
     if cfg.parallel.trunk_sync not in TRUNK_SYNCS:
         raise ConfigError(f"parallel.trunk_sync={cfg.parallel.trunk_sync!r} is not one of {', '.join(TRUNK_SYNCS)}")
@@ -201,6 +206,7 @@ def _hybrid(cfg: DictConfig, full: nn.Module, comm: Communicator, device: torch.
         trunk_sync=p.trunk_sync,
         trunk_comm_dtype=torch.bfloat16 if p.trunk_comm_dtype == "bf16" else None,
         chunk_trunk=p.chunk_trunk,
+        micro_batches=p.micro_batches,
         trunk_powersgd_rank=p.trunk_powersgd_rank,
     ).to(device)
 

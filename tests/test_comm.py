@@ -1,6 +1,7 @@
 """Each communicator primitive against its definition, emulated and over gloo, uneven splits included."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -116,3 +117,59 @@ def test_gloo_puts_on_the_wire_what_the_ledger_counts(monkeypatch):
     for name, (wire, sent) in results(run_gloo(2, _wire_bytes))[0].items():
         # Both workers' bytes cross lo; headers and the barriers add a little.
         assert 0.99 <= wire / (2 * sent) <= 1.08, (name, wire, sent)
+
+
+class _FakeCudaEvent:
+    """Stands in for ``torch.cuda.Event`` on a machine without a GPU: each thread (emulated
+    worker) has its own clock, which a ``record()`` advances by one second."""
+
+    local = threading.local()
+
+    def __init__(self, enable_timing: bool = False):
+        assert enable_timing, "events that time must be created with enable_timing=True"
+        self.t = None
+
+    def record(self, stream=None):
+        self.local.clock = getattr(self.local, "clock", 0.0) + 1.0
+        self.t = self.local.clock
+
+    def elapsed_time(self, end) -> float:
+        return (end.t - self.t) * 1e3  # milliseconds, as torch's
+
+    def synchronize(self):
+        assert self.t is not None, "synchronize() on an event never recorded"
+
+
+def test_on_the_gpu_collectives_are_timed_by_cuda_events(monkeypatch):
+    """NCCL returns from a collective at once: the ledger's time there comes from CUDA events
+    around each wait (one span per collective, read when ``seconds`` is read), not the host clock."""
+    monkeypatch.setattr(torch.cuda, "Event", _FakeCudaEvent)
+
+    def worker(comm):
+        comm.timing_device = torch.device("cuda", 0)  # what DistCommunicator sets under NCCL
+        comm.all_gather(torch.ones(2, 3), 0, [2] * comm.world_size, tag="x")
+        comm.all_reduce(torch.ones(4), tag="y")
+        handle = comm.all_reduce_async(torch.ones(4), "z")
+        handle.wait()
+        first = comm.ledger.seconds  # resolves the three spans
+        again = comm.ledger.seconds  # nothing new: the same
+        comm.ledger.reset()
+        return first, again, comm.ledger.seconds
+
+    for first, again, after_reset in run_emulated(2, worker):
+        assert first == again == 3.0  # one second per event pair, three collectives
+        assert after_reset == 0.0
+
+
+def _host_timed(comm):
+    import time
+
+    t0 = time.perf_counter()
+    comm.all_reduce(torch.ones(1000), tag="y")
+    return comm.timing_device, comm.ledger.seconds, time.perf_counter() - t0
+
+
+def test_gloo_collectives_are_timed_on_the_host():
+    for device, seconds, wall in results(run_gloo(2, _host_timed)):
+        assert device is None
+        assert 0.0 < seconds <= wall

@@ -281,5 +281,14 @@ def test_chunked_trunk_hides_the_first_move_behind_the_trunk(trunk_sync):
     assert chunked.step_s < plain.step_s - 0.5
     free = cm.step_time(prof, cm.Link(0.0, float("inf")), "c", 2, 4, chunk_trunk=True, **kw)
     assert free.step_s == pytest.approx(free.compute_s)
-    with pytest.raises(ValueError, match="scheme c only"):
+    # Scheme (a) in K micro-batches is (c)'s chunked schedule; (a) in one pass pays the whole move.
+    micro = cm.step_time(prof, slow, "a", 2, 4, micro_batches=2, **kw)
+    assert micro.step_s == pytest.approx(chunked.step_s)
+    assert micro.step_s < cm.step_time(prof, slow, "a", 2, 4, **kw).step_s - 0.5
+    # (b): the last worker's one chunk is the last round's; its forward still overlaps nothing.
+    b_chunked = cm.step_time(prof, slow, "b", 2, 4, chunk_trunk=True, **kw)
+    assert b_chunked.bytes_sent == cm.step_time(prof, slow, "b", 2, 4, **kw).bytes_sent
+    with pytest.raises(ValueError, match="chunk_trunk runs with schemes b and c"):
         cm.step_time(prof, slow, "a", 2, 4, chunk_trunk=True, **kw)
+    with pytest.raises(ValueError, match="micro_batches with scheme a"):
+        cm.step_time(prof, slow, "c", 2, 4, micro_batches=2, **kw)

@@ -150,6 +150,7 @@ BAD = [
     ),
     (["parallel.trunk_sync=eventually"], "parallel.trunk_sync='eventually' is not one of bucketed, pipelined"),
     (["parallel.chunk_trunk=true"], "parallel.chunk_trunk runs the trunk round by round"),
+    (["parallel.micro_batches=2", "parallel.scheme=c"], "parallel.micro_batches=2 must be a positive integer"),
     (
         ["parallel.trunk_powersgd_rank=2", "parallel.trunk_sync=pipelined"],
         "parallel.trunk_powersgd_rank runs with parallel.trunk_sync=bucketed",

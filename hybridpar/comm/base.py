@@ -12,7 +12,6 @@ them in autograd Functions whose forward and backward are mirror images.
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -50,6 +49,9 @@ class Communicator(ABC):
         self.rank = rank
         self.world_size = world_size
         self.ledger = ledger if ledger is not None else ByteLedger()
+        # Where the collectives' waits are timed: None, the host clock; a CUDA device (NCCL), by
+        # CUDA events on its current stream (the host only launches them there).
+        self.timing_device: torch.device | None = None
 
     # ---- public, ledgered operations ------------------------------------------------------
 
@@ -187,16 +189,14 @@ class Communicator(ABC):
 
     def _timed(self, fn, *args, what: str | None = None):
         what = what or self._last_entry()
-        t0 = time.perf_counter()
         try:
-            return fn(*args)
+            with self.ledger.timing(self.timing_device):
+                return fn(*args)
         except RuntimeError as exc:
             lost = self._peer_lost(exc, what)
             if lost is None:
                 raise
             raise lost from exc
-        finally:
-            self.ledger.seconds += time.perf_counter() - t0
 
     def _last_entry(self) -> str:
         e = self.ledger.entries[-1] if self.ledger.entries else None

@@ -8,8 +8,12 @@ torch.distributed communicators, because both go through :class:`~hybridpar.comm
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -23,14 +27,53 @@ class Entry:
 @dataclass
 class ByteLedger:
     entries: list[Entry] = field(default_factory=list)
-    seconds: float = 0.0  # wall time spent waiting in collectives since the last reset
+    host_s: float = 0.0  # host time spent waiting in collectives since the last reset
+    # (start, end) CUDA events around collectives on the GPU, resolved when ``seconds`` is read.
+    spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
     def record(self, kind: str, tag: str, sent: int, received: int) -> None:
         self.entries.append(Entry(kind, tag, int(sent), int(received)))
 
     def reset(self) -> None:
         self.entries.clear()
-        self.seconds = 0.0
+        self.spans.clear()
+        self.host_s = 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Time spent waiting in collectives since the last reset. On the GPU the host only
+        launches them (NCCL returns at once), so there it is what CUDA events recorded on the
+        compute stream around each wait measure — the time the stream stood still; reading it
+        waits for the last of them."""
+        if self.spans:
+            self.spans[-1][1].synchronize()
+            self.host_s += sum(start.elapsed_time(end) for start, end in self.spans) / 1e3
+            self.spans.clear()
+        return self.host_s
+
+    def begin(self, device: torch.device | None):
+        """Start timing a wait on ``device`` (a CUDA device: events; else the host clock)."""
+        if device is not None and device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def end(self, start) -> None:
+        if isinstance(start, float):
+            self.host_s += time.perf_counter() - start
+            return
+        stop = torch.cuda.Event(enable_timing=True)
+        stop.record()
+        self.spans.append((start, stop))
+
+    @contextlib.contextmanager
+    def timing(self, device: torch.device | None):
+        start = self.begin(device)
+        try:
+            yield
+        finally:
+            self.end(start)
 
     @property
     def sent(self) -> int:

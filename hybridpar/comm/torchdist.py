@@ -21,6 +21,8 @@ class DistCommunicator(Communicator):
     def __init__(self, group: dist.ProcessGroup | None = None, ledger: ByteLedger | None = None):
         self.group = group if group is not None else dist.group.WORLD
         super().__init__(dist.get_rank(self.group), dist.get_world_size(self.group), ledger or ByteLedger())
+        dev = _group_device(self.group)
+        self.timing_device = dev if dev.type == "cuda" else None
 
     def _split(self, groups, mine):
         # Every rank must create every group, in the same order (torch.distributed's rule); the

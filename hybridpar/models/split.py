@@ -165,7 +165,7 @@ class Split:
 
     def trunk_module_names(self, training: bool = True) -> list[str]:
         """The modules the trunk's graph calls, in order (each runs as the model's own)."""
-        return list(dict.fromkeys(str(n.target) for n in self.trunk_graphs[training].nodes if n.op == "call_module"))
+        return graph_targets(self.trunk_graphs[training], ("call_module",))
 
     def trunk(self, root: nn.Module) -> TrunkRunner:
         """A callable running the trunk over ``root`` (a module with the model's module names)."""
@@ -191,8 +191,12 @@ class TrunkRunner:
 
     def owners(self, training: bool = True) -> list[str]:
         """The names the graph's ``call_module`` and ``get_attr`` nodes use, in the order it runs them."""
-        graph = self.interpreters[training].graph
-        return list(dict.fromkeys(str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")))
+        return graph_targets(self.interpreters[training].graph, ("call_module", "get_attr"))
+
+
+def graph_targets(graph: fx.Graph, ops: tuple[str, ...]) -> list[str]:
+    """The targets of ``graph``'s nodes of kinds ``ops``, each once, in the order it first uses them."""
+    return list(dict.fromkeys(str(n.target) for n in graph.nodes if n.op in ops))
 
 
 class _Interpreter(fx.Interpreter):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 import weakref
 from collections.abc import Sequence
 
@@ -48,11 +47,11 @@ def ledger_allreduce_hook(comm, bucket):
     buf = bucket.buffer()
     comm.count_all_reduce(buf.numel(), buf.element_size(), "ddp_grads")
     buf.div_(comm.world_size)
-    t0 = time.perf_counter()
+    start = comm.ledger.begin(comm.timing_device)
     fut = dist.all_reduce(buf, group=comm.group, async_op=True).get_future()
 
     def done(f):
-        comm.ledger.seconds += time.perf_counter() - t0
+        comm.ledger.end(start)  # on the GPU: recorded on the stream the result is ready on
         return f.value()[0]
 
     return fut.then(done)

@@ -63,6 +63,7 @@ class HybridModel(nn.Module):
         partition_cap: int = PARTITION_ELEMENTS,
         trunk_comm_dtype: torch.dtype | None = None,
         chunk_trunk: bool = False,
+        micro_batches: int = 1,
         trunk_powersgd_rank: int = 0,
     ):
         super().__init__()
@@ -83,8 +84,12 @@ class HybridModel(nn.Module):
         # lossy, unlike everything else here, so opt-in).
         self.trunk_comm_dtype = trunk_comm_dtype
         self.overlap = overlap
-        # Scheme (c): the trunk runs round by round (rounds.py), so features travel while convs run.
+        # The trunk runs round by round (rounds.py), so features travel while convs run: the
+        # rounds of (b)/(c) (chunk_trunk), or (a) in micro-batches of b/m (micro_batches = m).
+        if micro_batches < 1:
+            raise ShardingError(f"parallel.micro_batches must be a positive integer, got {micro_batches}")
         self.chunk_trunk = chunk_trunk and comm.world_size > 1
+        self.micro_batches = micro_batches if comm.world_size > 1 else 1
         if trunk_sync not in TRUNK_SYNCS:
             raise ShardingError(f"trunk_sync={trunk_sync!r} is not one of {', '.join(TRUNK_SYNCS)}")
         if trunk_powersgd_rank and (trunk_sync != "bucketed" or trunk_comm_dtype is not None):
@@ -96,7 +101,7 @@ class HybridModel(nn.Module):
         with MODEL_LOCK:  # tracing and cutting a model shared by emulated workers: one at a time
             self._build(model, plan, head, seed, bucket_cap, overlap, sync_bn)
             self._trunk_sync(trunk_sync, bucket_cap, partition_cap, overlap)
-            if self.chunk_trunk:
+            if self.chunk_trunk or self.micro_batches > 1:
                 self._check_chunkable()
 
     def _build(self, model, plan, head, seed, bucket_cap, overlap, sync_bn) -> None:
@@ -164,13 +169,18 @@ class HybridModel(nn.Module):
     def _check_chunkable(self) -> None:
         """A trunk run in chunks gives the gradients of one pass only if it treats every example
         on its own: BatchNorm (training) would normalise each chunk by itself."""
+        option = "chunk_trunk" if self.chunk_trunk else "micro_batches"
         for name in self.split.trunk_module_names():
             for sub, m in self.get_submodule(name).named_modules(prefix=name):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):  # synchronised ones included
                     raise ShardingError(
-                        f"parallel.chunk_trunk runs the trunk on each round's rows apart, and {sub} is a "
-                        "BatchNorm: it would normalise by the chunk, not the batch; leave chunk_trunk off for this model"
+                        f"parallel.{option} runs the trunk on each round's rows apart, and {sub} is a "
+                        f"BatchNorm: it would normalise by the chunk, not the batch; leave {option} off for this model"
                     )
+
+    def chunked(self, scheme: str) -> bool:
+        """Whether this step runs the trunk chunk by chunk (``rounds._train_chunked``)."""
+        return self.micro_batches > 1 if scheme == "a" else self.chunk_trunk
 
     def _trunk_in_forward_order(self) -> list[tuple[str, nn.Parameter]]:
         """``(owner, parameter)`` for every trunk parameter, in the order the forward first uses
@@ -265,10 +275,19 @@ class HybridModel(nn.Module):
         after every round, on the mean over that round's examples (FC batch b, conv batch K·b);
         the conv layers still get the mean over all K·b examples.
         """
-        if self.chunk_trunk and scheme != "c":
+        if self.chunk_trunk and scheme == "a":
             raise ShardingError(
-                f"parallel.chunk_trunk runs the trunk round by round, with every worker's rows in every round: "
-                f"scheme c, not {scheme!r}"
+                "parallel.chunk_trunk runs the trunk round by round: scheme (a) has one round, its chunks are "
+                "parallel.micro_batches"
+            )
+        if self.micro_batches > 1 and scheme != "a":
+            raise ShardingError(
+                f"parallel.micro_batches cuts scheme (a)'s step into rounds; scheme {scheme!r} has its own "
+                "rounds: use parallel.chunk_trunk"
+            )
+        if self.micro_batches > x.shape[0]:
+            raise ShardingError(
+                f"parallel.micro_batches={self.micro_batches} is more than the {x.shape[0]} examples per worker"
             )
         if fc_batch == "chunk" and self.replicas is not None:
             raise ShardingError(
@@ -277,7 +296,7 @@ class HybridModel(nn.Module):
             )
         if self.pipelined:
             self.trunk_sync.bind(optimizer)
-        if scheme == "a":
+        if scheme == "a" and self.micro_batches == 1:
             with autocast():
                 logits = self(x)
             loss = global_mean_loss(loss_input(logits), y, self.world)

@@ -29,10 +29,11 @@ BATCH, FEATURES, PARTIAL, REPLICATE = "Shard(0)", "Shard(1)", "Partial", "Replic
 SCHEMES = ("a", "b", "c")  # the hybrid's schedules (parallel.scheme also takes the "ddp" baseline)
 
 
-def scheme_rounds(scheme: str, b: int, K: int) -> list[list[int]]:
-    """Examples per worker in each round: one round of ``[b] * K`` for (a); K rounds for (b), (c)."""
+def scheme_rounds(scheme: str, b: int, K: int, micro_batches: int = 1) -> list[list[int]]:
+    """Examples per worker in each round: one round of ``[b] * K`` for (a), or with
+    ``micro_batches = m`` m rounds of b/m of every worker's examples; K rounds for (b), (c)."""
     if scheme == "a":
-        return [[b] * K]
+        return [[s] * K for s in even_split(b, micro_batches)]
     if scheme == "b":  # round j: worker j's examples
         return [[b if k == j else 0 for k in range(K)] for j in range(K)]
     if scheme == "c":  # round j: the j-th slice of every worker's examples

@@ -1,10 +1,13 @@
-"""The paper's schemes (b) and (c): the head works through the global batch in K rounds.
+"""The paper's schemes (b) and (c), and (a) in micro-batches: the head works through the global
+batch in rounds.
 
 Scheme (a) moves every example's features before the head starts. In (b), round j moves only
 worker j's b examples, and in (c) every worker moves b/K of its examples in every round (so
 every link carries traffic in every round). While the head computes round j, round j+1's
 features are already in flight, and round j's feature gradients travel back to their owners
-while round j+1 computes: the exchange hides behind the FC work.
+while round j+1 computes: the exchange hides behind the FC work. Scheme (a) with
+``micro_batches = m`` runs as m rounds of b/m of every worker's examples (the shape of (c), with
+m rounds), so that the trunk can run micro-batch by micro-batch (:func:`_train_chunked`).
 
 The first move of the head (features to the shards) and its mirror (feature gradients back) are
 issued here as async operations — each move kind's async pair is registered with it in
@@ -39,42 +42,44 @@ def loss_input(logits: torch.Tensor) -> torch.Tensor:
 
 
 def train_rounds(model, x, y, scheme: str, fc_batch: str, optimizer, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of scheme (b) or (c) on ``model`` (a :class:`HybridModel`): forward and backward
-    of every round, the trunk's backward, the trunk's gradient sum. Returns this worker's share of
-    the global-mean loss and its examples' logits (both detached)."""
+    """One step in rounds on ``model`` (a :class:`HybridModel`): scheme (b) or (c), or (a) in
+    micro-batches; forward and backward of every round, the trunk's backward, the trunk's
+    gradient sum. Returns this worker's share of the global-mean loss and its examples' logits
+    (both detached)."""
     model.comm.agree("local batch shape", tuple(x.shape))
-    if model.chunk_trunk:
-        return _train_chunked(model, x, y, scheme, fc_batch, optimizer, autocast)
+    loop = _Rounds(model, scheme, x.shape[0], fc_batch, optimizer)
+    if model.chunked(scheme):
+        return _train_chunked(model, loop, x, y, autocast)
     first = model.first_move
     with autocast():
         h0 = model.run_program(model.program[:first], model.forward_trunk(x), [])
-    loop = _Rounds(model, scheme, h0.shape[0], fc_batch, optimizer)
     loop.start([h0[r] for r in loop.rows])
-    for j in range(model.comm.world_size):
+    for j in range(loop.count):
         loop.round(j, y, autocast)
     h0.backward(loop.input_grad(h0))
     model.sync_gradients()
     return loop.loss_share, torch.cat(loop.logits)
 
 
-def _train_chunked(model, x, y, scheme, fc_batch, optimizer, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """``parallel.chunk_trunk``: the trunk runs round by round on this worker's rows of the round.
-    Round j's features travel while round j+1's rows go through the convolutions, and round j's
-    trunk backward runs as soon as its feature gradients are back, while later rounds compute.
-    The same gradients as one pass where the trunk is per-example (no BatchNorm: refused at
-    build); the trunk's gradient sync counts a parameter ready only on the last chunk's backward."""
-    K, first = model.comm.world_size, model.first_move
-    loop = _Rounds(model, scheme, x.shape[0], fc_batch, optimizer)
+def _train_chunked(model, loop: _Rounds, x, y, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trunk chunk by chunk (``parallel.chunk_trunk`` for (b)/(c), ``parallel.micro_batches``
+    for (a)): each round's rows go through the trunk on their own. Round j's features travel while
+    round j+1's rows go through the convolutions, and round j's trunk backward runs as soon as its
+    feature gradients are back, while later rounds compute. The same gradients as one pass where
+    the trunk is per-example (no BatchNorm: refused at build); the trunk's gradient sync counts a
+    parameter ready only on this worker's last chunk's backward."""
+    first, R = model.first_move, loop.count
     chunks = []
-    for j in range(K):
+    for j in range(R):
         with autocast():
             chunks.append(model.run_program(model.program[:first], model.forward_trunk(x[loop.rows[j]]), []))
         loop.start_round(j, chunks[j])  # travels while the next chunk computes
-    for j in range(K):
+    last = max((j for j in range(R) if chunks[j].shape[0]), default=-1)  # (b): one chunk per worker
+    for j in range(R):
         loop.round(j, y, autocast)
         if j > 0:
-            _chunk_backward(model, chunks[j - 1], loop.returned(j - 1), last=False)
-    _chunk_backward(model, chunks[-1], loop.returned(K - 1), last=True)
+            _chunk_backward(model, chunks[j - 1], loop.returned(j - 1), last=j - 1 == last)
+    _chunk_backward(model, chunks[-1], loop.returned(R - 1), last=R - 1 == last)
     model.sync_gradients()
     return loop.loss_share, torch.cat(loop.logits)
 
@@ -101,7 +106,8 @@ class _Rounds:
         )
         self.comm = model.comm
         self.total = model.world.world_size * local_batch  # the global batch: every group's rounds
-        self.sizes = scheme_rounds(scheme, local_batch, self.comm.world_size)
+        self.sizes = scheme_rounds(scheme, local_batch, self.comm.world_size, model.micro_batches)
+        self.count = len(self.sizes)
         self.rows = own_rows(self.sizes, self.comm.rank)
         self.sent: dict[int, torch.Tensor] = {}
         self.pending: dict[int, object] = {}
@@ -127,10 +133,15 @@ class _Rounds:
     def _issue(self, j: int):
         self.pending[j] = self.move.spec.send(self.sent[j], self.comm, self.sizes[j], self.move.tag)
 
+    def _issue_next(self, j: int) -> None:
+        """Round ``j + 1``'s features leave, if they exist and have not left yet."""
+        if j + 1 < self.count and j + 1 not in self.pending and j + 1 in self.sent:
+            self._issue(j + 1)
+
     def round(self, j: int, y: torch.Tensor, autocast) -> None:
-        K, overlap = self.comm.world_size, self.model.overlap
-        if overlap and j + 1 < K and j + 1 not in self.pending and j + 1 in self.sent:
-            self._issue(j + 1)  # next round's features travel while this one computes
+        overlap = self.model.overlap
+        if overlap:
+            self._issue_next(j)  # next round's features travel while this one computes
         inp = torch.cat(self.pending.pop(j).wait(), 0).to(self.dtype).requires_grad_()
         with autocast():
             logits = self.model.run_program(self.model.program[self.model.first_move + 1 :], inp, self.sizes[j])
@@ -149,8 +160,7 @@ class _Rounds:
         )
         if not overlap:
             self.returns[j].wait()
-            if j + 1 < K and j + 1 not in self.pending and j + 1 in self.sent:
-                self._issue(j + 1)
+            self._issue_next(j)
 
     def returned(self, j: int) -> torch.Tensor:
         """The gradient of this worker's rows of round ``j`` (waits for it)."""

@@ -107,6 +107,8 @@ class PipelinedTrunkSync:
         self._handles: list[Handle | None] = [None] * n
         self._sums: list[torch.Tensor | None] = [None] * n
         self._applied = [True] * len(self.params)  # this step's update is in the parameter
+        self._left = [0] * n  # pieces of each partition's sum still to be applied
+        self._unapplied = 0  # parameters whose update is still pending
         self._next = 0  # how many partitions of the backward order are issued this step
         self._pending = False  # this step's sums issued, updates not yet applied
         self._hparams: list[dict] | None = None  # the committing step's hyperparameters
@@ -184,6 +186,8 @@ class PipelinedTrunkSync:
         self._ready = [0] * n
         self._copied = [0] * len(self.params)
         self._applied = [False] * len(self.params)
+        self._left = [len(part) for part in self.parts]
+        self._unapplied = len(self.params)
 
     # ---- the next forward: each parameter's update right before its first use ----------------
 
@@ -196,7 +200,7 @@ class PipelinedTrunkSync:
                     h.wait()
                 self._handles[j] = self._sums[j] = None
             self._applied = [True] * len(self.params)
-            self._pending = False
+            self._pending, self._unapplied = False, 0
 
     def before(self, owner: str) -> None:
         """The trunk's graph is about to use ``owner`` (a module or attribute name)."""
@@ -226,10 +230,13 @@ class PipelinedTrunkSync:
             self.params[i].grad = torch.cat(pieces).view_as(self.params[i])
             self._applied[i] = True
         self._step([self.params[i] for i in todo])
-        for j, part in enumerate(self.parts):  # a sum is dropped once every piece of it is in
-            if self._sums[j] is not None and all(self._applied[piece.param] for piece in part):
-                self._sums[j] = None
-        if all(self._applied):
+        for i in todo:  # a sum is dropped once every piece of it is in its parameter
+            for j in self._parts_of[i]:
+                self._left[j] -= 1
+                if self._left[j] == 0:
+                    self._sums[j] = None
+        self._unapplied -= len(todo)
+        if self._unapplied == 0:
             self._pending, self._hparams = False, None
 
     def _step(self, chosen: list[torch.nn.Parameter]) -> None:

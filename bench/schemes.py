@@ -280,6 +280,7 @@ def main() -> None:
         args.batch,
         reps=3,
         head_rows=args.batch * comm.world_size,
+        trunk_rows=[args.batch // 2, args.batch // 4, args.batch // 8],  # the chunks: rounds, micro-batches
     )
     rows = []
     for scheme in args.schemes.split(","):

@@ -93,6 +93,11 @@ class Profile:
     opt_s_per_param: float  # one SGD (momentum, weight decay) step over the model, per parameter
     itemsize: int = 4  # bytes per activation element on the wire (2 under bf16 autocast)
     notes: str = ""
+    # The trunk's time per image on fewer rows than ``batch``, relative to its time per image on
+    # ``batch``: (rows, fwd, bwd), rows ascending. A trunk run in chunks (micro-batches, rounds)
+    # is not ``rows`` times its per-image time: on a CPU smaller convolutions keep their working
+    # set in cache (faster per image), on a GPU they fill fewer cores (slower). Empty: linear.
+    trunk_scale: tuple[tuple[int, float, float], ...] = ()
 
     def scaled(self, speed: float) -> Profile:
         """The same network on a device ``speed`` times faster."""
@@ -115,6 +120,24 @@ class Profile:
                 return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
         return pts[-1][1]
 
+    def trunk_factor(self, rows: float, backward: bool) -> float:
+        """The trunk's time per image on ``rows`` rows over its time per image on ``batch``
+        (interpolated in log(rows), clamped; 1 where unmeasured)."""
+        pts = [(math.log(r), b if backward else f) for r, f, b in self.trunk_scale if r < self.batch]
+        pts.append((math.log(self.batch), 1.0))
+        x = math.log(max(rows, 1e-9))
+        if x <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return 1.0
+
+    def trunk_s(self, rows: float, backward: bool = False) -> list[float]:
+        """Seconds of each trunk stage on ``rows`` images, forward or backward."""
+        f = self.trunk_factor(rows, backward) * rows
+        return [(s.bwd_s if backward else s.fwd_s) * f for s in self.trunk]
+
     @property
     def trunk_params(self) -> list[int]:
         return [n for s in self.trunk for n in s.params]
@@ -132,6 +155,7 @@ class Profile:
         d["trunk"] = tuple(Stage(s["name"], s["fwd_s"], s["bwd_s"], tuple(s["params"])) for s in d["trunk"])
         d["head"] = tuple(tuple(w) for w in d["head"])
         d["fc_rates"] = tuple(tuple(r) for r in d["fc_rates"])
+        d["trunk_scale"] = tuple(tuple(r) for r in d.get("trunk_scale", ()))
         return cls(**d)
 
 
@@ -205,26 +229,40 @@ def measure_profile(
     reps: int = 5,
     warmup: int = 2,
     head_rows: int | None = None,
+    trunk_rows: Sequence[int] = (),
 ) -> Profile:
     """Time each trunk stage (forward, backward), the head's Linear layers and an SGD step.
 
     ``dtype=torch.bfloat16`` times under autocast (as the trainer's bf16 precision runs); the head
-    is timed on up to ``head_rows`` rows (default ``batch``; scheme (a) runs it on K·b)."""
+    is timed on up to ``head_rows`` rows (default ``batch``; scheme (a) runs it on K·b); the whole
+    trunk also on each of ``trunk_rows`` (< batch) rows, for a trunk run in chunks."""
     dev = torch.device(device)
     model = model.to(dev)
     timer = _Timer(dev, torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32), reps, warmup)
     head = [m for m in split_model(model).head_layers(model) if isinstance(m, nn.Linear)]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    trunk = tuple(_time_trunk(model, timer, torch.randn(batch, 3, image_size, image_size, device=dev)))
     return Profile(
         device=name,
         dtype=str(dtype).removeprefix("torch."),
         batch=batch,
-        trunk=tuple(_time_trunk(model, timer, torch.randn(batch, 3, image_size, image_size, device=dev))),
+        trunk=trunk,
         head=tuple((m.in_features, m.out_features) for m in head),
         fc_rates=tuple(_time_head(head, timer, head_rows or batch)),
         opt_s_per_param=_time_optimizer(model, timer),
         itemsize=2 if dtype == torch.bfloat16 else 4,
+        trunk_scale=tuple(_trunk_scale(model, timer, trunk, batch, image_size, sorted(set(trunk_rows)), dev)),
     )
+
+
+def _trunk_scale(model, timer, trunk: Sequence[Stage], batch: int, image_size: int, rows: Sequence[int], dev) -> list:
+    """(rows, fwd, bwd): the trunk's time per image on ``rows`` over its time per image on ``batch``."""
+    out, fwd, bwd = [], sum(s.fwd_s for s in trunk), sum(s.bwd_s for s in trunk)
+    for r in rows:
+        if 0 < r < batch:
+            small = _time_trunk(model, timer, torch.randn(r, 3, image_size, image_size, device=dev))
+            out.append((r, sum(s.fwd_s for s in small) / fwd, sum(s.bwd_s for s in small) / max(bwd, 1e-12)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -451,11 +489,9 @@ def _ddp_step(
     """DDP: forward; backward with each 25 MB bucket's all-reduce issued when its gradients are in
     (``itemsize`` 2: torch's bf16 compression hook, the buckets cut by their fp32 size)."""
     tl, widths = _Timeline(), list(profile.head)
-    tl.run(
-        sum(s.fwd_s for s in profile.trunk) * b + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False)
-    )
+    tl.run(sum(profile.trunk_s(b)) + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False))
     head_bwd = [(4.0 * b * i * o / profile.fc_rate(b, True), (i * o, o)) for i, o in reversed(widths)]
-    trunk_bwd = [(s.bwd_s * b, s.params) for s in reversed(profile.trunk)]
+    trunk_bwd = [(t, s.params) for t, s in zip(reversed(profile.trunk_s(b, True)), reversed(profile.trunk))]
     done = _backward_with_buckets(tl, link, head_bwd + trunk_bwd, DDP_BUCKET_BYTES // GRAD_ITEMSIZE, K, True, itemsize)
     sent = allreduce_bytes(profile.trunk_params + profile.head_params, K, 0, itemsize)
     return tl, sent, done, sum(profile.trunk_params) + sum(profile.head_params)
@@ -491,14 +527,15 @@ class _HybridStep:
     def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
         tl, G, K, link = self.tl, self.G, self.K, self.link
         self.agree()
-        tl.run(sum(s.fwd_s for s in self.profile.trunk) * self.b)
+        tl.run(sum(self.profile.trunk_s(self.b)))
         self.head(scheme)
         shard = head_shard_params(self.widths, self.styles, G, 0)
         fc_sync = []
         if K > G:  # 2-D: the shard's gradient is summed over the K/G groups, while the trunk's backward runs
             fc_sync.append(tl.issue(_allreduce_time(link, shard, K // G)))
             self.sent += allreduce_bytes(shard, K // G, 0, GRAD_ITEMSIZE)
-        trunk_bwd = [(s.bwd_s * self.b, s.params) for s in reversed(self.profile.trunk)]
+        trunk = self.profile.trunk
+        trunk_bwd = [(t, s.params) for t, s in zip(reversed(self.profile.trunk_s(self.b, True)), reversed(trunk))]
         done = fc_sync + _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, self.overlap, self.gi)
         self.sent += allreduce_bytes(trunk_bucket_numels(self.profile.trunk_params, bucket_cap), K, 0, self.gi)
         return tl, self.sent, done, sum(self.profile.trunk_params) + shard
@@ -569,22 +606,23 @@ class _HybridStep:
     def trunk_forward(self, rows: float, done: Sequence[float], layout: _Partitions | None) -> None:
         """The trunk's forward on ``rows`` images; pipelined (``layout``), each stage waits for its
         partitions of the previous step's sums and applies its update first."""
-        for s, stage in enumerate(self.profile.trunk):
+        for s, (stage, seconds) in enumerate(zip(self.profile.trunk, self.profile.trunk_s(rows))):
             if layout is not None:
                 self.tl.wait(max((done[j] for j in layout.spans[s]), default=0.0))
                 self.tl.run(sum(stage.params) * self.profile.opt_s_per_param)
-            self.tl.run(stage.fwd_s * rows)
+            self.tl.run(seconds)
 
     def trunk_backward(self, rows: float, layout: _Partitions | None, bucket_cap: int) -> list[float]:
         """The trunk's backward on ``rows`` images and its sums: the done time of each bucket, or
         (pipelined) of each partition."""
         tl, link, K, trunk = self.tl, self.link, self.K, self.profile.trunk
+        seconds = self.profile.trunk_s(rows, True)
         if layout is None:
-            stages = [(s.bwd_s * rows, s.params) for s in reversed(trunk)]
+            stages = [(t, s.params) for t, s in zip(reversed(seconds), reversed(trunk))]
             return _backward_with_buckets(tl, link, stages, bucket_cap, K, self.overlap, self.gi)
         issued, nxt = [0.0] * len(layout.sizes), len(layout.sizes) - 1
         for s in reversed(range(len(trunk))):
-            tl.run(trunk[s].bwd_s * rows)
+            tl.run(seconds[s])
             # Partition nxt is ready once every stage it spans is through its backward.
             while nxt >= 0 and layout.stage[nxt] >= s and sum(t > tl.cpu for t in issued) < WINDOW:
                 issued[nxt] = tl.issue(_allreduce_time(link, layout.sizes[nxt], K, self.gi))
@@ -612,7 +650,7 @@ class _HybridStep:
             returns[j] = tl.issue(self.move(program[0], betas, True))
             if j > 0:
                 tl.wait(returns.pop(j - 1))
-                tl.run(sum(s.bwd_s for s in self.profile.trunk) * rounds[j - 1][-1])
+                tl.run(sum(self.profile.trunk_s(rounds[j - 1][-1], True)))
         tl.wait(returns.pop(R - 1))
         return self.trunk_backward(rounds[-1][-1], layout, bucket_cap)
 

@@ -4,6 +4,7 @@ a hand-computed step, profiles, the CLI."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -147,7 +148,9 @@ def test_fc_rate_interpolates_and_clamps():
 
 def test_measured_profile_round_trips_and_predicts():
     model = build_seeded(lambda: alexnet_small(10, dropout=0.0, channels=(8, 16, 24, 16, 16), hidden=32), 0)
-    prof = cm.measure_profile(model, 32, 4, reps=1, warmup=1)
+    prof = cm.measure_profile(model, 32, 4, reps=1, warmup=1, trunk_rows=[2, 1, 4, 0])
+    assert [r[0] for r in prof.trunk_scale] == [1, 2]  # below the batch only, ascending
+    assert all(f > 0 and b > 0 for _, f, b in prof.trunk_scale)
     assert [s.name for s in prof.trunk] == ["features.0", "features.3", "features.6", "features.8", "features.10"]
     assert all(s.fwd_s > 0 and s.bwd_s >= 0 for s in prof.trunk)
     assert sum(prof.trunk_params) == sum(p.numel() for n, p in model.named_parameters() if n.startswith("features"))
@@ -155,6 +158,23 @@ def test_measured_profile_round_trips_and_predicts():
     again = cm.Profile.from_json(prof.to_json())
     assert again == prof
     assert cm.step_time(again, cm.Link(1e-4, 1e8), "c", 3, 4).step_s > 0
+
+
+def test_a_trunk_in_chunks_runs_at_its_measured_rate_per_image():
+    """Chunks of 2 rows measured at half the per-image time of the batch of 4: each chunk's trunk
+    costs half as much as ``rows × per-image`` says; unmeasured sizes interpolate in log(rows)."""
+    stage = cm.Stage("c1", 1.0, 2.0, (10,))
+    linear = _toy_profile(batch=4, trunk=(stage,), fc_rates=((1, 1e30, 1e30),), opt_s_per_param=0.0)
+    scaled = replace(linear, trunk_scale=((2, 0.5, 0.5),))
+    assert scaled.trunk_factor(2, False) == 0.5 and scaled.trunk_factor(4, True) == 1.0
+    assert scaled.trunk_factor(1, True) == 0.5  # clamped below the smallest measured size
+    assert scaled.trunk_factor(2 * 2**0.5, False) == pytest.approx(0.75)  # halfway in log(rows)
+    assert scaled.trunk_s(2, True) == [2.0 * 2 * 0.5]
+    free = cm.Link(0.0, float("inf"))
+    one, chunked = (cm.step_time(p, free, "c", 2, 4, chunk_trunk=True) for p in (linear, scaled))
+    assert one.compute_s == pytest.approx(4 * 3.0)  # 4 images, 1 s forward + 2 s backward each
+    assert chunked.compute_s == pytest.approx(4 * 3.0 * 0.5)
+    assert cm.step_time(scaled, free, "c", 2, 4).compute_s == pytest.approx(one.compute_s)  # one pass: as measured
 
 
 def test_parse_rate():

@@ -21,7 +21,8 @@ for ns in "$a" "$b"; do ip -n "$ns" link set lo up; done
 ip -n "$a" link set "vA$$" up
 ip -n "$b" link set "vB$$" up
 # The bucket holds 10 ms at the rate (at least 256 kB): a smaller one caps fast links below RATE.
-burst=$("${PYTHON:-python}" -c "from hybridpar.costmodel import parse_rate as p; print(max(262144, int(p('$rate') / 100)))")
+# The cost model knows it (costmodel.tbf_burst).
+burst=$("${PYTHON:-python}" -c "from hybridpar.costmodel import tbf_burst; print(tbf_burst('$rate'))")
 ip netns exec "$a" tc qdisc add dev "vA$$" root tbf rate "$rate" burst "$burst" latency 50ms
 ip netns exec "$b" tc qdisc add dev "vB$$" root tbf rate "$rate" burst "$burst" latency 50ms
 run_node() {  # namespace, interface, node rank, command...

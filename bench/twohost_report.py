@@ -81,7 +81,10 @@ def repredict(records: list[dict]) -> None:
     for rec in records:
         rec.setdefault("cpu_s_per_byte", fallback)
         prof = costmodel.Profile.from_json(json.dumps(rec["profile"]))
-        link = costmodel.Link(rec["alpha_s"], rec["bytes_per_s"], rec["cpu_s_per_byte"])
+        # The veth's token bucket, as bench/twohost.sh set it for the rate.
+        link = costmodel.Link(
+            rec["alpha_s"], rec["bytes_per_s"], rec["cpu_s_per_byte"], costmodel.tbf_burst(rec["rate"])
+        )
         for r in rec["rows"]:
             r["predicted"] = predict(prof, link, r["scheme"], rec["K"], rec["batch"])
 

@@ -166,14 +166,25 @@ class Link:
     ``cpu_s_per_byte``: processor time the transport itself takes per byte sent or received
     (socket copies, the sums of a reduction) where it shares the cores that compute — a CPU
     worker over TCP; ~0 for a GPU whose collectives run on their own engines. A step then takes
-    at least compute + that transport time, however well the rest overlaps."""
+    at least compute + that transport time, however well the rest overlaps.
+
+    ``burst_bytes``: a token-bucket link (``tc tbf``, as the two-host benchmark shapes its veth)
+    saves up to this many bytes of credit while it is idle and sends them at once when traffic
+    resumes — a move after a pause of the link is cheaper than bytes / rate; 0 for a wire."""
 
     alpha_s: float
     bytes_per_s: float
     cpu_s_per_byte: float = 0.0
+    burst_bytes: float = 0.0
 
     def time(self, steps: int, elements: float, itemsize: int) -> float:
         return steps * self.alpha_s + elements * itemsize / self.bytes_per_s
+
+
+def tbf_burst(rate: str) -> int:
+    """The token bucket ``bench/twohost.sh`` gives a link of ``rate``: 10 ms at the rate, at least
+    256 kB (a smaller one caps fast links below the rate)."""
+    return max(262144, int(parse_rate(rate) / 100))
 
 
 def parse_rate(text: str) -> float:
@@ -338,12 +349,16 @@ def _time_optimizer(model: nn.Module, timer: _Timer) -> float:
 @dataclass
 class _Timeline:
     """One worker's processor and link: work runs in issue order on each; a collective starts
-    when it is issued and the link is free; waiting for one stalls the processor."""
+    when it is issued and the link is free; waiting for one stalls the processor. ``burst_s``:
+    the link's token bucket in seconds at its rate (:attr:`Link.burst_bytes`): credit saved
+    while the link is idle shortens the next transfers."""
 
+    burst_s: float = 0.0
     cpu: float = 0.0
     link: float = 0.0
     compute: float = 0.0
     comm: float = 0.0
+    tokens: float = 0.0
     inflight: list[float] = field(default_factory=list)
 
     def run(self, seconds: float) -> None:
@@ -351,8 +366,12 @@ class _Timeline:
         self.compute += seconds
 
     def issue(self, seconds: float) -> float:
-        self.link = max(self.cpu, self.link) + seconds
-        self.comm += seconds
+        if self.cpu > self.link:  # the link stood idle since its last transfer: the bucket fills
+            self.tokens = min(self.burst_s, self.tokens + self.cpu - self.link)
+        credit = min(self.tokens, seconds)
+        self.tokens -= credit
+        self.link = max(self.cpu, self.link) + seconds - credit
+        self.comm += seconds - credit
         return self.link
 
     def wait(self, done: float) -> None:
@@ -488,7 +507,7 @@ def _ddp_step(
 ) -> tuple[_Timeline, int, list[float], int]:
     """DDP: forward; backward with each 25 MB bucket's all-reduce issued when its gradients are in
     (``itemsize`` 2: torch's bf16 compression hook, the buckets cut by their fp32 size)."""
-    tl, widths = _Timeline(), list(profile.head)
+    tl, widths = _Timeline(link.burst_bytes / link.bytes_per_s), list(profile.head)
     tl.run(sum(profile.trunk_s(b)) + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False))
     head_bwd = [(4.0 * b * i * o / profile.fc_rate(b, True), (i * o, o)) for i, o in reversed(widths)]
     trunk_bwd = [(t, s.params) for t, s in zip(reversed(profile.trunk_s(b, True)), reversed(profile.trunk))]
@@ -522,7 +541,7 @@ class _HybridStep:
         self.profile, self.link, self.K, self.b, self.G = profile, link, K, b, G
         self.styles, self.overlap, self.gi = styles, overlap, grad_itemsize  # gi: the trunk's sums
         self.widths = list(profile.head)
-        self.tl, self.sent = _Timeline(), 0
+        self.tl, self.sent = _Timeline(link.burst_bytes / link.bytes_per_s), 0
 
     def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
         tl, G, K, link = self.tl, self.G, self.K, self.link

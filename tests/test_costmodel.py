@@ -312,3 +312,29 @@ def test_chunked_trunk_hides_the_first_move_behind_the_trunk(trunk_sync):
         cm.step_time(prof, slow, "a", 2, 4, chunk_trunk=True, **kw)
     with pytest.raises(ValueError, match="micro_batches with scheme a"):
         cm.step_time(prof, slow, "c", 2, 4, micro_batches=2, **kw)
+
+
+def test_a_token_bucket_link_lends_what_it_saved_while_idle():
+    """tc tbf: credit builds up while the link is idle (at most the bucket) and is spent at once."""
+    tl = cm._Timeline(burst_s=0.5)
+    assert tl.issue(2.0) == 2.0  # nothing saved yet
+    tl.run(3.0)  # the link idles from 2 to 3: a full bucket
+    assert tl.issue(2.0) == pytest.approx(3.0 + 1.5)
+    assert tl.issue(1.0) == pytest.approx(5.5)  # back to back: no idle time, no credit
+    tl.run(2.0)  # the processor at 5.0, the link busy until 5.5: no idle time
+    assert tl.issue(1.0) == pytest.approx(6.5)
+    tl.run(2.6)  # the processor at 7.6: the link idled 1.1 s, the bucket holds 0.5
+    assert tl.issue(0.2) == pytest.approx(7.6)  # a short move rides on the credit entirely
+    assert tl.issue(1.0) == pytest.approx(7.6 + 0.7)  # the 0.3 left
+
+
+def test_the_two_host_links_bucket_shortens_moves_after_compute():
+    prof = _toy_profile(batch=4)
+    plain = cm.Link(1e-4, 1e5)
+    bucket = replace(plain, burst_bytes=cm.tbf_burst("100mbit"))
+    assert cm.tbf_burst("100mbit") == 262144 and cm.tbf_burst("10gbit") == 12_500_000
+    a_plain, a_bucket = (cm.step_time(prof, link, "a", 2, 4) for link in (plain, bucket))
+    assert a_bucket.step_s < a_plain.step_s
+    assert a_bucket.bytes_sent == a_plain.bytes_sent
+    no_burst = replace(plain, burst_bytes=0.0)
+    assert cm.step_time(prof, no_burst, "a", 2, 4).step_s == a_plain.step_s

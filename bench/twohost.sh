@@ -3,7 +3,8 @@
 # with a token bucket, one torchrun node in each (c10d rendezvous at 198.18.0.1). Run as root.
 #   bench/twohost.sh RATE COMMAND...      e.g. bench/twohost.sh 100mbit bench/schemes.py --batch 16
 # COMMAND is what torchrun runs on each node (a script path, or -m module). The namespaces are
-# always removed at the end, also on failure or Ctrl-C.
+# always removed at the end, also on failure or Ctrl-C. TORCHRUN_ARGS adds torchrun options on both
+# nodes (e.g. "--max-restarts=2").
 set -euo pipefail
 rate="${1:?rate, e.g. 1gbit}"
 shift
@@ -31,8 +32,10 @@ run_node() {  # namespace, interface, node rank, command...
   # --local-addr: the namespaces cannot reach the address the host name resolves to.
   ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$ifc" OMP_NUM_THREADS=1 "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes=2 --nproc_per_node=1 --node_rank="$rank" --rdzv-backend=c10d --rdzv-endpoint=198.18.0.1:29400 \
-    --local-addr="198.18.0.$((rank + 1))" --rdzv-id="twohost$$" --rdzv-conf="is_host=$([ "$rank" = 0 ] && echo true || echo false)" "$@"
+    --local-addr="198.18.0.$((rank + 1))" --rdzv-id="twohost$$" --rdzv-conf="is_host=$([ "$rank" = 0 ] && echo true || echo false)" \
+    "${extra[@]}" "$@"
 }
+read -ra extra <<<"${TORCHRUN_ARGS:-}"
 run_node "$a" "vA$$" 0 "$@" &
 pa=$!
 run_node "$b" "vB$$" 1 "$@" >/dev/null 2>&1 &

@@ -159,20 +159,26 @@ def save(
     root = Path(root)
     final = root / f"step-{position.step:08d}"
     tmp = root / f".step-{position.step:08d}.tmp"
+    payload = _worker_payload(model, plain, optimizer, comm.rank)
+    if comm.rank == 0:
+        payload["schedule"] = dict(schedule_state)
+    # What the checkpoint will take on disk (tensor bytes; torch.save adds a little per tensor).
+    need = sum(comm.gather_objects(_payload_bytes(payload)))
     error = None
     if comm.rank == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
-            tmp.mkdir()
+            free = shutil.disk_usage(root).free
+            if free < need:
+                error = f"it needs {_mb(need)} in {root}, which has {_mb(free)} free"
+            else:
+                tmp.mkdir()
         except OSError as exc:
             error = f"cannot create {tmp}: {exc}"
-    _raise_if_any(comm, error, "checkpoint")
-    payload = _worker_payload(model, plain, optimizer, comm.rank)
-    if comm.rank == 0:
-        payload["schedule"] = dict(schedule_state)
+    _raise_if_any(comm, error, f"checkpoint of step {position.step}", root)
     records = comm.gather_objects(_write_worker_file(payload, tmp, comm.rank))
-    errors = [e for _, e in records if e]
+    errors = [f"{e} (the checkpoint needs {_mb(need)})" for _, e in records if e]
     if not errors and comm.rank == 0:
         meta = {
             "format": FORMAT,
@@ -191,8 +197,19 @@ def save(
             _commit(tmp, final, meta, keep_last)
         except OSError as exc:
             errors.append(f"cannot finish {final}: {exc}")
-    _raise_if_any(comm, errors[0] if errors else None, "checkpoint")
+    if errors and comm.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial write frees its space; nothing reads it
+    _raise_if_any(comm, errors[0] if errors else None, f"checkpoint of step {position.step}", root)
     return final
+
+
+def _payload_bytes(payload: dict) -> int:
+    tensors = sum(t.numel() * t.element_size() for t in payload["tensors"].values())
+    return int(tensors * 1.01) + 2**16  # torch.save's zip records, alignment and pickled names
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
 
 
 def _write_worker_file(payload: dict, tmp: Path, rank: int) -> tuple[tuple | None, str | None]:
@@ -202,8 +219,9 @@ def _write_worker_file(payload: dict, tmp: Path, rank: int) -> tuple[tuple | Non
         torch.save(payload, tmp / name)
         _fsync_file(tmp / name)
         return (name, (tmp / name).stat().st_size, _sha256(tmp / name)), None
-    except OSError as exc:
-        return None, f"worker {rank} cannot write {tmp / name}: {exc}"
+    except (OSError, RuntimeError) as exc:  # torch.save reports a missing directory as RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"worker {rank} cannot write {tmp / name}: {first}"
 
 
 def _commit(tmp: Path, final: Path, meta: dict, keep_last: int | None) -> None:
@@ -218,11 +236,49 @@ def _commit(tmp: Path, final: Path, meta: dict, keep_last: int | None) -> None:
     _prune(final.parent, keep_last)
 
 
-def _raise_if_any(comm: Communicator, error: str | None, what: str) -> None:
+def _raise_if_any(comm: Communicator, error: str | None, what: str, root: Path | None = None) -> None:
     """Every worker raises the same error if any worker has one (no worker is left waiting)."""
     seen = [e for e in comm.gather_objects(error) if e]
     if seen:
-        raise CheckpointError(f"{what} not written: {seen[0]}")
+        kept = checkpoints(root) if root is not None and root.is_dir() else []
+        intact = f"; the last checkpoint, {kept[-1].name}, is intact" if kept else ""
+        raise CheckpointError(f"{what} not written: {seen[0]}{intact}")
+
+
+def check_shared(comm: Communicator, root: Path) -> None:
+    """Before step 1: every worker must see the same, writable checkpoint directory. Worker 0
+    writes a token there and every worker reads it back; a node with its own local copy of the
+    path (no shared file system) or a directory it cannot write fails here, in one line, instead
+    of at the first checkpoint."""
+    root = Path(root)
+    token, error = None, None
+    if comm.rank == 0:
+        token = f"{os.getpid()}-{time.time_ns()}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / ".shared-check").write_text(token)
+        except OSError as exc:
+            error = f"cannot write to checkpoint.dir {root}: {exc.strerror or exc}"
+    _raise_if_any_setup(comm, error)
+    token = comm.gather_objects(token)[0]
+    try:
+        seen = (root / ".shared-check").read_text() == token
+    except OSError:
+        seen = False
+    missing = [r for r, ok in enumerate(comm.gather_objects(seen)) if not ok]
+    if comm.rank == 0:
+        (root / ".shared-check").unlink(missing_ok=True)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint.dir {root} is not the same directory on every worker (worker(s) {', '.join(map(str, missing))} "
+            "cannot see what worker 0 wrote there): put checkpoint.dir on storage every node sees (a shared file system)"
+        )
+
+
+def _raise_if_any_setup(comm: Communicator, error: str | None) -> None:
+    seen = [e for e in comm.gather_objects(error) if e]
+    if seen:
+        raise CheckpointError(seen[0])
 
 
 def _prune(root: Path, keep_last: int | None) -> None:

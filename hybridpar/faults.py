@@ -2,7 +2,9 @@
 
 ``HYBRIDPAR_FAULT="kill@7:1,nan@3"`` SIGKILLs worker 1's process after step 7, before step 8
 starts (first attempt only, not after a torchrun restart), and feeds worker 0 NaN images at
-step 3. Unset in normal use: :func:`inject` then hands the batches through untouched.
+step 3. ``term@4`` sends SIGTERM after step 4 (worker 0, first attempt only) as a scheduler
+would: to torchrun, which passes it on to every worker, or, without torchrun, to this process.
+Unset in normal use: :func:`inject` then hands the batches through untouched.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ def plan(rank: int) -> dict[str, int]:
         what, _, rest = item.partition("@")
         at, _, on = rest.partition(":")
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        if what == "kill" and (restarted or (on and int(on) != rank)):
+        if what in ("kill", "term") and (restarted or (on and int(on) != rank)):
+            continue
+        if what == "term" and rank != 0:
             continue
         out[what] = int(at)
     return out
@@ -33,6 +37,8 @@ def inject(batches: Iterator[tuple[int, int, torch.Tensor, torch.Tensor]], rank:
     for step, epoch, x, y in batches:
         if faults.get("kill") == step - 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if faults.get("term") == step - 1:
+            os.kill(os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid(), signal.SIGTERM)
         if faults.get("nan") == step and rank == 0:
             x = x.clone().fill_(float("nan"))
         yield step, epoch, x, y

@@ -8,6 +8,7 @@ the same way in both modes.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -50,15 +51,39 @@ def _threads_per_worker(workers_on_this_host: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers_on_this_host))
 
 
-def _attempt_store(timeout_s: float) -> dist.Store:
-    """torchrun's store, seen through a prefix unique to this attempt.
+ATTEMPT_STORE_KEY = "hybridpar/attempt_store"
 
-    After a restart under ``--max-restarts`` the workers reuse the agent's store, which still
-    holds the previous attempt's process-group keys (the dead workers' addresses): without a
-    fresh prefix the new group connects to them and fails ("Connection refused"). Every worker
-    of one attempt has the same restart count."""
-    store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
-    return dist.PrefixStore(f"hybridpar/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+def _attempt_store(timeout_s: float) -> dist.Store:
+    """A store only this attempt's workers use: worker 0 starts a fresh one and announces its
+    address in torchrun's store, the others connect to what is announced.
+
+    After a restart (``--max-restarts``) torchrun hands the workers the agents' store again, which
+    still holds the dead attempt's process-group keys; a per-attempt prefix would need a name
+    every worker of the attempt agrees on, and nothing torchrun gives them is one — each agent
+    counts its own restarts (a node restarted because another failed keeps its count), so the
+    nodes' prefixes differed and the new group never formed. A store started by this attempt's
+    worker 0 holds nothing old; an announcement left by an earlier attempt names a store whose
+    process is gone: connecting fails fast, and the worker reads the announcement again."""
+    base, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    timeout = timedelta(seconds=timeout_s)
+    addr = os.environ.get("MASTER_ADDR", "localhost")
+    if int(os.environ["RANK"]) == 0:
+        store = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        base.set(ATTEMPT_STORE_KEY, f"{addr}:{store.port}")
+        return store
+    deadline = time.monotonic() + timeout_s
+    while True:
+        host, _, port = base.get(ATTEMPT_STORE_KEY).decode().rpartition(":")
+        try:
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
+        except (RuntimeError, ValueError):  # DistNetworkError / DistStoreError: an earlier attempt's
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        store.set_timeout(timeout)
+        return store
 
 
 def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int, timeout_s: float) -> Any:

@@ -24,6 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from hybridpar import runtime
 from hybridpar.config import register
 from hybridpar.errors import HybridparError
+from hybridpar.preemption import EXIT_PREEMPTED, Preempted, StopRequest
 from hybridpar.rundir import register_resolvers
 
 # The configs ship inside the package (mapped from the repository's conf/), so an installed
@@ -76,11 +77,16 @@ def main(cfg: DictConfig) -> None:
             import torch
 
             torch.use_deterministic_algorithms(True)
-        summary = runtime.run_workers(
-            lambda comm, device: train(comm, device, cfg, run_dir),
-            emulate=cfg.parallel.emulate,
-            timeout_s=cfg.parallel.timeout_s,
-        )
+        with StopRequest() as stop:  # SIGTERM, SIGINT, SIGUSR1: stop after the step, checkpointed
+            summary = runtime.run_workers(
+                lambda comm, device: train(comm, device, cfg, run_dir, stop),
+                emulate=cfg.parallel.emulate,
+                timeout_s=cfg.parallel.timeout_s,
+            )
+    except Preempted as exc:
+        if rank0:
+            print(f"hybridpar: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except HybridparError as exc:
         # One line, from rank 0 only, and a non-zero exit: no traceback wall from every rank.
         if rank0:

@@ -35,6 +35,7 @@ from hybridpar.parallel.data_parallel import allreduce_gradients, ledger_allredu
 from hybridpar.parallel.head import fewest_bytes_group
 from hybridpar.parallel.hybrid import TRUNK_SYNCS
 from hybridpar.parallel.program import SCHEMES as HYBRID_SCHEMES
+from hybridpar.preemption import Preempted, StopRequest
 
 log = logging.getLogger("hybridpar")
 
@@ -338,13 +339,18 @@ def evaluate(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup
     }
 
 
-def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+def train(
+    comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path, stop: StopRequest | None = None
+) -> dict[str, Any] | None:
+    """Train as configured; ``stop`` (a signal's request, preemption.py) ends the run after the
+    step every worker learns of it in, with a checkpoint of that step (:class:`Preempted`)."""
     if isinstance(comm, DistCommunicator):
         # torch's global generator draws DDP's dropout masks; one stream per rank. (The hybrid
         # draws from per-worker generators and needs none; emulated workers share this one.)
         torch.manual_seed(cfg.seed * 1_000_003 + comm.rank)
     s = _agreed(comm, lambda: setup(comm, device, cfg))
-    run = _Run(comm, device, cfg, run_dir, s)
+    run = _Run(comm, device, cfg, run_dir, s, stop or StopRequest())
+    checkpoint.check_shared(comm, run.ckpt_root)  # every worker sees it (one line if not), before step 1
     start = _agreed(comm, run.resume)
     step_fn, meter, K = _step_function(comm, device, cfg, s), Meter(), comm.world_size
     with Outputs(cfg, run_dir, run.total, comm.rank) as out:
@@ -363,6 +369,8 @@ def train(comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Pa
                 torch.cuda.synchronize(device)
             meter.add(time.perf_counter() - t0, comm_s, comm_bytes, x.shape[0] * K, loss)
             run.after_step(step, epoch, meter, out, x.shape[0] * K)  # log, evaluate, checkpoint: each on its cadence
+            if run.stopping and step < run.total:
+                run.preempt(step)  # a checkpoint of this step, then Preempted on every worker
         summary = run.summary(start, meter)
     out.finish(summary)
     return summary if comm.rank == 0 else None
@@ -413,8 +421,11 @@ class _Run:
     """Everything around the step: the schedule, checkpoints, the non-finite policy, the cadence
     of logging, evaluation and checkpoints, and the summary."""
 
-    def __init__(self, comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path, s: Setup):
-        self.comm, self.device, self.cfg, self.s = comm, device, cfg, s
+    def __init__(
+        self, comm: Communicator, device: torch.device, cfg: DictConfig, run_dir: Path, s: Setup, stop: StopRequest
+    ):
+        self.comm, self.device, self.cfg, self.s, self.stop = comm, device, cfg, s, stop
+        self.stopping = False  # a worker was asked to stop: every worker leaves after this step
         self.steps_per_epoch = len(s.loader)
         self.total = cfg.trainer.max_steps or cfg.trainer.epochs * self.steps_per_epoch
         self.schedule = Schedule(s.optimizer, cfg.optim, self.steps_per_epoch, self.total)
@@ -441,9 +452,12 @@ class _Run:
         )
 
     def update_allowed(self, loss: float, step: int, epoch: int) -> bool:
-        """Whether every worker's loss is finite (one tiny collective); if not, stop before the
-        update (one line naming the step) or, with trainer.skip_nonfinite, skip it."""
-        if self.comm.all_finite(math.isfinite(loss)):
+        """Whether every worker's loss is finite; if not, stop before the update (one line naming
+        the step) or, with trainer.skip_nonfinite, skip it. The same tiny collective tells every
+        worker whether any was asked to stop (a signal): then all leave after this step."""
+        finite, stops = self.comm.votes([math.isfinite(loss), self.stop.requested], "step_votes")
+        self.stopping = stops > 0
+        if finite == self.comm.world_size:
             return True
         if not self.cfg.trainer.skip_nonfinite:
             last = f"step {self.saved_at}" if self.saved_at is not None else "none written yet"
@@ -470,6 +484,15 @@ class _Run:
             self.evaluate(step, epoch, out)
         if (every_ck and step % every_ck == 0) or step >= self.total:
             self.save(step)
+
+    def preempt(self, step: int) -> None:
+        """Leave after ``step`` with a checkpoint of it (every worker: they voted together)."""
+        if self.saved_at != step:
+            self.save(step)
+        path = self.ckpt_root / f"step-{step:08d}"
+        if self.comm.rank == 0:
+            log.warning("step %d: asked to stop (%s); checkpoint %s written", step, self.stop.name, path)
+        raise Preempted(step, self.stop.name if self.stop.requested else "a peer's signal", str(path))
 
     def evaluate(self, step: int, epoch: int, out: Outputs) -> None:
         self.last_val = evaluate(self.comm, self.device, self.cfg, self.s)

@@ -3,6 +3,7 @@ two-node run in network namespaces that must equal the single-node run."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,6 +64,41 @@ def test_pytorchjob_manifest():
     assert set(specs) == {"Master", "Worker"}
     args = " ".join(specs["Worker"]["template"]["spec"]["containers"][0]["args"])
     assert "--rdzv-backend=c10d" in args and "-m hybridpar.train" in args and "--rdzv-id=" in args
+    # SIGTERM must reach torchrun (not a shell that drops it), with time for its 30 s shutdown.
+    assert args.startswith("exec torchrun ")
+    assert specs["Worker"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_slurm_script_passes_a_signal_on_and_requeues_the_job(tmp_path, sig):
+    """With stand-ins for srun and scontrol: the time-limit warning (USR1) or preemption (TERM) to
+    the batch script reaches the running step as SIGTERM, and the job requeues itself."""
+    import signal
+    import time
+
+    log, bin_dir = tmp_path / "log", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        f"#!/usr/bin/env bash\ntrap 'echo got-term >> {log}; exit 75' TERM\necho \"srun $*\" >> {log}\n"
+        "while true; do sleep 0.05; done\n"
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = show ]; then echo node1; else echo "scontrol $*" >> {log}; fi\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+    env |= {"SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1"}
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), "data=imagenet"], env=env, text=True)
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "srun" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, f"SIG{sig}"))
+    assert proc.wait(timeout=30) == 0
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("srun --kill-on-bad-exit=1 torchrun") and lines[0].endswith("data=imagenet")
+    assert lines[1:] == ["got-term", "scontrol requeue 42"]
 
 
 def test_multi_node_launcher_refuses_missing_arguments():
@@ -131,3 +167,40 @@ def test_two_nodes_in_network_namespaces_equal_one_node(tmp_path):
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6)
     assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="needs root and iproute2 (ip netns) to make two network namespaces",
+)
+def test_two_nodes_restart_after_a_lost_worker_and_end_as_one_node(tmp_path):
+    """Node 1's worker is SIGKILLed after step 5 under --max-restarts: both agents restart their
+    workers (each with its own restart count), the new group forms, resumes from step 3's
+    checkpoint and ends with the weights of an uninterrupted run."""
+    exact = [x for x in COMMON if x.split("=")[0] not in ("trainer.max_steps", "checkpoint.every_steps")]
+    exact += ["trainer.max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep_last=null"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env.pop("HYBRIDPAR_FAULT", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    one = run_cmd(
+        [*torchrun, "-m", "hybridpar.train", *exact, f"hydra.run.dir={tmp_path / 'one'}"],
+        cwd=tmp_path,
+        env=env,
+        timeout=200,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_cmd(
+        ["bash", str(ROOT / "bench" / "twohost.sh"), "1gbit", "-m", "hybridpar.train", *exact]
+        + [f"hydra.run.dir={tmp_path / 'two'}"],
+        cwd=tmp_path,
+        env={**env, "TORCHRUN_ARGS": "--max-restarts=2", "HYBRIDPAR_FAULT": "kill@5:1"},
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 8, summary
+    a = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "one" / "checkpoints")[0])
+    b = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "two" / "checkpoints")[0])
+    for n in a:  # fp32 rounding between the topologies, as in the test above
+        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6)

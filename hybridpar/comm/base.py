@@ -158,12 +158,18 @@ class Communicator(ABC):
     def all_finite(self, finite: bool, what: str = "nonfinite_check") -> bool:
         """Whether ``finite`` holds on every worker (e.g. its loss is finite). One tiny all-gather;
         every worker gets the same verdict, so all of them skip, or stop, together."""
+        return self.votes([finite], what)[0] == self.world_size
+
+    def votes(self, flags: Sequence[bool], what: str = "step_votes") -> list[int]:
+        """How many workers hold each of ``flags`` (one tiny all-gather for all of them; every
+        worker gets the same counts): the step's non-finite check and stop request in one."""
         if self.world_size == 1:
-            return finite
-        t = torch.tensor([int(bool(finite))], dtype=torch.int64)
-        e = t.element_size()
+            return [int(bool(f)) for f in flags]
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64)
+        e = t.element_size() * t.numel()
         self.ledger.record("agree", what, (self.world_size - 1) * e, (self.world_size - 1) * e)
-        return all(int(r[0]) == 1 for r in self._timed(self._gather_ints, t))
+        rows = self._timed(self._gather_ints, t)
+        return [sum(int(r[i]) for r in rows) for i in range(t.numel())]
 
     def max_int(self, value: int, what: str) -> int:
         """The largest ``value`` over the workers (one tiny all-gather; every worker gets it)."""

@@ -236,13 +236,18 @@ def _commit(tmp: Path, final: Path, meta: dict, keep_last: int | None) -> None:
     _prune(final.parent, keep_last)
 
 
-def _raise_if_any(comm: Communicator, error: str | None, what: str, root: Path | None = None) -> None:
-    """Every worker raises the same error if any worker has one (no worker is left waiting)."""
+def _raise_if_any(comm: Communicator, error: str | None, what: str | None = None, root: Path | None = None) -> None:
+    """Every worker raises the same error if any worker has one (no worker is left waiting):
+    ``what`` not written, naming the last checkpoint under ``root`` still intact; without ``what``
+    the error as it is."""
     seen = [e for e in comm.gather_objects(error) if e]
-    if seen:
-        kept = checkpoints(root) if root is not None and root.is_dir() else []
-        intact = f"; the last checkpoint, {kept[-1].name}, is intact" if kept else ""
-        raise CheckpointError(f"{what} not written: {seen[0]}{intact}")
+    if not seen:
+        return
+    if what is None:
+        raise CheckpointError(seen[0])
+    kept = checkpoints(root) if root is not None and root.is_dir() else []
+    intact = f"; the last checkpoint, {kept[-1].name}, is intact" if kept else ""
+    raise CheckpointError(f"{what} not written: {seen[0]}{intact}")
 
 
 def check_shared(comm: Communicator, root: Path) -> None:
@@ -259,7 +264,7 @@ def check_shared(comm: Communicator, root: Path) -> None:
             (root / ".shared-check").write_text(token)
         except OSError as exc:
             error = f"cannot write to checkpoint.dir {root}: {exc.strerror or exc}"
-    _raise_if_any_setup(comm, error)
+    _raise_if_any(comm, error)
     token = comm.gather_objects(token)[0]
     try:
         seen = (root / ".shared-check").read_text() == token
@@ -273,12 +278,6 @@ def check_shared(comm: Communicator, root: Path) -> None:
             f"checkpoint.dir {root} is not the same directory on every worker (worker(s) {', '.join(map(str, missing))} "
             "cannot see what worker 0 wrote there): put checkpoint.dir on storage every node sees (a shared file system)"
         )
-
-
-def _raise_if_any_setup(comm: Communicator, error: str | None) -> None:
-    seen = [e for e in comm.gather_objects(error) if e]
-    if seen:
-        raise CheckpointError(seen[0])
 
 
 def _prune(root: Path, keep_last: int | None) -> None:

@@ -111,27 +111,13 @@ class Profile:
 
     def fc_rate(self, rows: float, backward: bool) -> float:
         """FLOP/s of the head's products on ``rows`` rows: interpolated in log(rows), clamped."""
-        pts = [(math.log(r), b if backward else f) for r, f, b in self.fc_rates]
-        x = math.log(max(rows, 1e-9))
-        if x <= pts[0][0]:
-            return pts[0][1]
-        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
-            if x <= x1:
-                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-        return pts[-1][1]
+        return _log_interp([(r, b if backward else f) for r, f, b in self.fc_rates], rows)
 
     def trunk_factor(self, rows: float, backward: bool) -> float:
         """The trunk's time per image on ``rows`` rows over its time per image on ``batch``
         (interpolated in log(rows), clamped; 1 where unmeasured)."""
-        pts = [(math.log(r), b if backward else f) for r, f, b in self.trunk_scale if r < self.batch]
-        pts.append((math.log(self.batch), 1.0))
-        x = math.log(max(rows, 1e-9))
-        if x <= pts[0][0]:
-            return pts[0][1]
-        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
-            if x <= x1:
-                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-        return 1.0
+        pts = [(r, b if backward else f) for r, f, b in self.trunk_scale if r < self.batch]
+        return _log_interp([*pts, (self.batch, 1.0)], rows)
 
     def trunk_s(self, rows: float, backward: bool = False) -> list[float]:
         """Seconds of each trunk stage on ``rows`` images, forward or backward."""
@@ -157,6 +143,19 @@ class Profile:
         d["fc_rates"] = tuple(tuple(r) for r in d["fc_rates"])
         d["trunk_scale"] = tuple(tuple(r) for r in d.get("trunk_scale", ()))
         return cls(**d)
+
+
+def _log_interp(points: Sequence[tuple[float, float]], rows: float) -> float:
+    """``points`` = (rows, value), rows ascending: the value at ``rows``, interpolated in
+    log(rows), clamped to the end points."""
+    pts = [(math.log(r), v) for r, v in points]
+    x = math.log(max(rows, 1e-9))
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
 
 
 @dataclass(frozen=True)

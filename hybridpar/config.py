@@ -129,6 +129,7 @@ class ParallelConfig:
     fc_group_size: Any = None  # null | G | auto
     plan: Any = "min_bytes"  # min_bytes | paper | [col/row, ...]
     timeout_s: float = 600.0
+    peer_timeout_s: Any = 30.0  # a silent peer (host frozen, link down) ends the run in this time; null: off
 
 
 @dataclass
@@ -172,12 +173,43 @@ class TrainerConfig:
     progress: bool = True
 
 
-@dataclass
-class CheckpointConfig:
-    every_steps: int | None = 500
-    keep_last: int | None = 3
-    resume: str = "auto"  # auto | none | a checkpoint directory
-    dir: str | None = None
+def _checkpoint_init(self, **values: Any) -> None:  # dataclass's __init__, which cannot name `async`
+    for f in dataclasses.fields(self):
+        setattr(self, f.name, values.pop(f.name, f.default))
+    if values:
+        raise TypeError(f"CheckpointConfig has no field(s) {', '.join(values)}")
+
+
+# `checkpoint.async` is the key's name everywhere (YAML, the command line, the docs), but `async` is a
+# Python keyword: no class statement, attribute or parameter can spell it, and dataclass generates
+# __init__, __repr__ and __eq__ as Python source naming every field (it would not compile). So the
+# class is made by type() from a namespace whose __annotations__ name the fields (a class body's
+# own __annotations__ is not there to write to from Python 3.14 on), with those three methods off
+# and an __init__ of its own. Hydra and OmegaConf read only the fields; the code reads
+# cfg.checkpoint["async"].
+CheckpointConfig = dataclass(init=False, repr=False, eq=False)(
+    type(
+        "CheckpointConfig",
+        (),
+        {
+            "__module__": __name__,
+            "__qualname__": "CheckpointConfig",
+            "__annotations__": {
+                "every_steps": int | None,
+                "keep_last": int | None,
+                "resume": str,
+                "dir": str | None,
+                "async": bool,
+            },
+            "every_steps": 500,  # one every N steps (and always at the end); null: only at the end
+            "keep_last": 3,  # the newest N complete checkpoints are kept; null: all
+            "resume": "auto",  # auto | none | a checkpoint directory
+            "dir": None,  # null: <run directory>/checkpoints
+            "async": False,  # true: written by a background thread while training goes on (false: the step waits)
+            "__init__": _checkpoint_init,
+        },
+    )
+)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hybridpar.comm import Communicator, DistCommunicator, run_emulated
+from hybridpar.comm.peerwatch import PeerWatch
 from hybridpar.errors import HybridparError
 
 
@@ -54,7 +55,7 @@ def _threads_per_worker(workers_on_this_host: int) -> int:
 ATTEMPT_STORE_KEY = "hybridpar/attempt_store"
 
 
-def _attempt_store(timeout_s: float) -> dist.Store:
+def _attempt_store(timeout_s: float) -> tuple[dist.Store, dist.Store]:
     """A store only this attempt's workers use: worker 0 starts a fresh one and announces its
     address in torchrun's store, the others connect to what is announced.
 
@@ -71,7 +72,7 @@ def _attempt_store(timeout_s: float) -> dist.Store:
     if int(os.environ["RANK"]) == 0:
         store = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False, timeout=timeout)
         base.set(ATTEMPT_STORE_KEY, f"{addr}:{store.port}")
-        return store
+        return store, base
     deadline = time.monotonic() + timeout_s
     while True:
         host, _, port = base.get(ATTEMPT_STORE_KEY).decode().rpartition(":")
@@ -83,11 +84,20 @@ def _attempt_store(timeout_s: float) -> dist.Store:
             time.sleep(0.2)
             continue
         store.set_timeout(timeout)
-        return store
+        return store, base
 
 
-def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int, timeout_s: float) -> Any:
-    """Run ``fn(comm, device)`` on every worker; return this process's result (rank 0's when emulated)."""
+def run_workers(
+    fn: Callable[[Communicator, torch.device], Any],
+    *,
+    emulate: int,
+    timeout_s: float,
+    peer_timeout_s: float | None = None,
+) -> Any:
+    """Run ``fn(comm, device)`` on every worker; return this process's result (rank 0's when emulated).
+
+    Under torchrun with ``peer_timeout_s``, a peer that goes silent (host frozen, link down) ends
+    this process within that time (comm/peerwatch.py) instead of after ``timeout_s``."""
     check_launch(emulate)
     if under_torchrun():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -100,18 +110,30 @@ def run_workers(fn: Callable[[Communicator, torch.device], Any], *, emulate: int
         else:
             device, backend = torch.device("cpu"), "gloo"
             torch.set_num_threads(_threads_per_worker(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        # Both stores live as long as the group: without torchrun's agent (plain env://) worker 0
+        # serves the base store itself, and dropping it would leave a slower peer that has not
+        # yet read the announcement waiting on a dead server.
+        store, base_store = _attempt_store(timeout_s)
         dist.init_process_group(
             backend,
-            store=_attempt_store(timeout_s),
+            store=store,
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
             timeout=timedelta(seconds=timeout_s),
         )
+        comm, watch = DistCommunicator(), None
+        if peer_timeout_s and comm.world_size > 1:
+            watch = PeerWatch(
+                store.host, store.port, comm.rank, comm.world_size, peer_timeout_s, lambda: comm.ledger.waiting
+            ).start()
         try:
-            result = fn(DistCommunicator(), device)
+            result = fn(comm, device)
             dist.barrier()
         finally:
+            if watch is not None:
+                watch.stop()
             dist.destroy_process_group()
+            del base_store
         return result
     # Emulated workers share this process's cores and its intra-op thread pool; one GPU would
     # serialise them anyway, so emulation runs on the CPU (K = 1 may use a GPU).

@@ -82,6 +82,7 @@ def main(cfg: DictConfig) -> None:
                 lambda comm, device: train(comm, device, cfg, run_dir, stop),
                 emulate=cfg.parallel.emulate,
                 timeout_s=cfg.parallel.timeout_s,
+                peer_timeout_s=cfg.parallel.peer_timeout_s,
             )
     except Preempted as exc:
         if rank0:

@@ -91,6 +91,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"parallel.fc_batch=chunk updates the head after each round: it needs parallel.scheme=b or c, not {cfg.parallel.scheme!r}"
         )
+    if not cfg.parallel.timeout_s > 0:
+        raise ConfigError(f"parallel.timeout_s must be a positive number of seconds, got {cfg.parallel.timeout_s!r}")
+    peer = cfg.parallel.peer_timeout_s
+    if peer is not None and (isinstance(peer, bool) or not isinstance(peer, int | float) or peer <= 0):
+        raise ConfigError(f"parallel.peer_timeout_s must be a positive number of seconds or null (off), got {peer!r}")
     if cfg.parallel.trunk_powersgd_rank < 0:
         raise ConfigError(
             f"parallel.trunk_powersgd_rank must be 0 (off) or a rank >= 1, got {cfg.parallel.trunk_powersgd_rank}"
@@ -371,6 +376,7 @@ def train(
             run.after_step(step, epoch, meter, out, x.shape[0] * K)  # log, evaluate, checkpoint: each on its cadence
             if run.stopping and step < run.total:
                 run.preempt(step)  # a checkpoint of this step, then Preempted on every worker
+        run.finish_checkpoint()  # none is left in flight (the last step's is written at once); kept for safety
         summary = run.summary(start, meter)
     out.finish(summary)
     return summary if comm.rank == 0 else None
@@ -432,7 +438,13 @@ class _Run:
         self.ck = cfg.checkpoint
         self.ckpt_root = Path(self.ck.dir or run_dir / "checkpoints")
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        self.saved_at: int | None = None
+        self.saved_at: int | None = None  # the step of the newest committed checkpoint
+        # checkpoint.async: the checkpoint written by a background thread while training goes on,
+        # committed at the first step boundary at which every worker's file is done (see save()).
+        self.background = bool(self.ck["async"])
+        self.writing: checkpoint.Write | None = None  # the one checkpoint in flight
+        self.host_buffers = checkpoint.HostBuffers()  # its snapshot, reused by the next (empty until used)
+        self.written_everywhere = False  # this step's vote: every worker's file of it is done
         self.skipped, self.train_loss, self.last_val = 0, float("nan"), {}
 
     def resume(self) -> checkpoint.Position | None:
@@ -454,12 +466,19 @@ class _Run:
     def update_allowed(self, loss: float, step: int, epoch: int) -> bool:
         """Whether every worker's loss is finite; if not, stop before the update (one line naming
         the step) or, with trainer.skip_nonfinite, skip it. The same tiny collective tells every
-        worker whether any was asked to stop (a signal): then all leave after this step."""
-        finite, stops = self.comm.votes([math.isfinite(loss), self.stop.requested], "step_votes")
+        worker whether any was asked to stop (a signal): then all leave after this step. With
+        checkpoint.async it also tells whether every worker's part of the checkpoint in flight is
+        written (one more integer: no collective of its own, and none from the writer thread)."""
+        flags = [math.isfinite(loss), self.stop.requested]
+        if self.background:
+            flags.append(self.writing is None or self.writing.written())
+        finite, stops, *written = self.comm.votes(flags, "step_votes")
         self.stopping = stops > 0
+        self.written_everywhere = self.writing is not None and written == [self.comm.world_size]
         if finite == self.comm.world_size:
             return True
         if not self.cfg.trainer.skip_nonfinite:
+            self.finish_checkpoint()  # the one in flight holds an earlier, finite step: keep it
             last = f"step {self.saved_at}" if self.saved_at is not None else "none written yet"
             raise NonFiniteLoss(
                 f"non-finite loss at step {step} (epoch {epoch}); stopped before the update "
@@ -472,6 +491,8 @@ class _Run:
         return False
 
     def after_step(self, step: int, epoch: int, meter: Meter, out: Outputs, images: int) -> None:
+        if self.written_everywhere:  # voted this step: every file of the checkpoint in flight is done
+            self.finish_checkpoint()
         every_eval, every_ck = self.cfg.trainer.eval_every_steps, self.ck.every_steps
         logged = step % self.cfg.trainer.log_every_steps == 0 or step == self.total
         if logged:
@@ -486,7 +507,9 @@ class _Run:
             self.save(step)
 
     def preempt(self, step: int) -> None:
-        """Leave after ``step`` with a checkpoint of it (every worker: they voted together)."""
+        """Leave after ``step`` with a checkpoint of it (every worker: they voted together),
+        committed before the process exits."""
+        self.finish_checkpoint()
         if self.saved_at != step:
             self.save(step)
         path = self.ckpt_root / f"step-{step:08d}"
@@ -506,11 +529,19 @@ class _Run:
             )
 
     def save(self, step: int) -> None:
+        """The checkpoint of ``step``. Blocking: written and committed now. With checkpoint.async:
+        the state is copied to host memory now and written by a background thread; the step's vote
+        tells when every worker's file is done and after_step commits it then. At most one write is
+        in flight: one still running when the next is due is waited for and committed first. The
+        last step's checkpoint, and one taken because a worker was asked to stop, are written at
+        once: the process must not exit before they are committed, so there is nothing to overlap."""
+        self.finish_checkpoint()
         position = checkpoint.Position(step, step // self.steps_per_epoch, step % self.steps_per_epoch)
         hybrid = isinstance(self.s.model, HybridModel)
         if hybrid:
             self.s.model.flush()  # the weights and momenta of the step just taken, all of them
-        path = checkpoint.save(
+        background = self.background and step < self.total and not self.stopping
+        self.writing = checkpoint.start(
             self.comm,
             self.ckpt_root,
             model=self.s.model if hybrid else self.s.plain,
@@ -521,10 +552,23 @@ class _Run:
             scheme=self.cfg.parallel.scheme,
             config_yaml=self.config_yaml,
             keep_last=self.ck.keep_last,
+            background=background,
+            buffers=self.host_buffers,
         )
-        self.saved_at = step
+        if not background:
+            self.finish_checkpoint()
+
+    def finish_checkpoint(self) -> None:
+        """Commit the checkpoint in flight, if any, waiting for this worker's write (every worker
+        calls this at the same point: whether one is in flight is the same everywhere). A failed
+        write raises the same CheckpointError on every worker, the last committed one intact."""
+        writing, self.writing, self.written_everywhere = self.writing, None, False
+        if writing is None:
+            return
+        path = writing.commit(self.comm)
+        self.saved_at = writing.step
         if self.comm.rank == 0:
-            log.info("step %d: checkpoint %s", step, path)
+            log.info("step %d: checkpoint %s", writing.step, path)
 
     def summary(self, start: checkpoint.Position | None, meter: Meter) -> dict[str, Any]:
         steps = start.step if start else 0

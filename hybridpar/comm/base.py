@@ -195,6 +195,7 @@ class Communicator(ABC):
 
     def _timed(self, fn, *args, what: str | None = None):
         what = what or self._last_entry()
+        self.ledger.waiting = what
         try:
             with self.ledger.timing(self.timing_device):
                 return fn(*args)
@@ -203,6 +204,8 @@ class Communicator(ABC):
             if lost is None:
                 raise
             raise lost from exc
+        finally:
+            self.ledger.waiting = None
 
     def _last_entry(self) -> str:
         e = self.ledger.entries[-1] if self.ledger.entries else None

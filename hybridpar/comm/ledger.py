@@ -30,6 +30,9 @@ class ByteLedger:
     host_s: float = 0.0  # host time spent waiting in collectives since the last reset
     # (start, end) CUDA events around collectives on the GPU, resolved when ``seconds`` is read.
     spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+    # The collective a worker's main thread is blocked in right now, if any (named by the peer
+    # watch when a peer goes silent: comm/peerwatch.py).
+    waiting: str | None = None
 
     def record(self, kind: str, tag: str, sent: int, received: int) -> None:
         self.entries.append(Entry(kind, tag, int(sent), int(received)))

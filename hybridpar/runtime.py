@@ -7,6 +7,7 @@ the same way in both modes.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -87,6 +88,23 @@ def _attempt_store(timeout_s: float) -> tuple[dist.Store, dist.Store]:
         return store, base
 
 
+def end_process_groups() -> None:
+    """Destroy every process group and join gloo's threads now, while the interpreter is whole.
+
+    ``destroy_process_group`` joins a group's threads only if nothing else still references it;
+    a model's hooks hold its communicator, which holds its groups, in reference cycles that only
+    the garbage collector frees — at random, or during interpreter shutdown. There the group's
+    destructor joins a gloo thread that may still be dropping a finished collective's tensors,
+    which needs the GIL the finalizing interpreter no longer gives: the thread is made to exit
+    inside a destructor and the process aborts ("terminate called without an active
+    exception", about 1 spawned process in 50). Collecting the cycles first lets the groups die
+    here; the caller drops its own references to them before."""
+    gc.collect()
+    time.sleep(0.01)  # let gloo's threads finish dropping the last collectives (they need the GIL)
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def run_workers(
     fn: Callable[[Communicator, torch.device], Any],
     *,
@@ -132,7 +150,8 @@ def run_workers(
         finally:
             if watch is not None:
                 watch.stop()
-            dist.destroy_process_group()
+            del comm, watch
+            end_process_groups()
             del base_store
         return result
     # Emulated workers share this process's cores and its intra-op thread pool; one GPU would

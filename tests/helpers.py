@@ -20,6 +20,7 @@ def _entry(rank: int, world_size: int, store: str, out_dir: str, fn, args) -> No
     import torch.distributed as dist
 
     from hybridpar.comm import DistCommunicator
+    from hybridpar.runtime import end_process_groups
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -36,11 +37,7 @@ def _entry(rank: int, world_size: int, store: str, out_dir: str, fn, args) -> No
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     dist.barrier()  # no rank tears its connections down while a peer still uses them
-    dist.destroy_process_group()
-    # Everything is written and torn down. Skip interpreter teardown: about one exit in 50 here
-    # aborts in a C++ static destructor ("terminate called without an active exception") after
-    # all work is done, which would fail the test for a reason outside hybridpar.
-    os._exit(0)
+    end_process_groups()  # gloo's threads joined now, not during interpreter shutdown
 
 
 def run_gloo(world_size: int, fn, *args, timeout_s: float = JOIN_TIMEOUT_S) -> list[tuple[str, object]]:

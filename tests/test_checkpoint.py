@@ -305,6 +305,7 @@ def _silent_peer(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     from hybridpar.comm import DistCommunicator
+    from hybridpar.runtime import end_process_groups
 
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3)
@@ -312,15 +313,16 @@ def _silent_peer(rank: int, store: str, out: str) -> None:
     comm = DistCommunicator()
     if rank == 1:
         time.sleep(12)  # alive, connected, but never joins the collective
-        os._exit(0)
-    t0 = time.monotonic()
-    try:
-        comm.all_reduce(torch.ones(4), tag="trunk_grads")
-        result = "no error"
-    except Exception as exc:  # noqa: BLE001
-        result = f"{type(exc).__name__}: {exc}"
-    Path(out).write_text(json.dumps({"error": result, "seconds": time.monotonic() - t0}))
-    os._exit(0)
+    else:
+        t0 = time.monotonic()
+        try:
+            comm.all_reduce(torch.ones(4), tag="trunk_grads")
+            result = "no error"
+        except Exception as exc:  # noqa: BLE001
+            result = f"{type(exc).__name__}: {exc}"
+        Path(out).write_text(json.dumps({"error": result, "seconds": time.monotonic() - t0}))
+    del comm
+    end_process_groups()
 
 
 @pytest.mark.timeout(120)

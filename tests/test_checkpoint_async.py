@@ -303,6 +303,7 @@ def _torchrun_child(out: Path) -> None:
     import torch.distributed as dist
 
     from hybridpar.comm import DistCommunicator
+    from hybridpar.runtime import end_process_groups
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -327,8 +328,8 @@ def _torchrun_child(out: Path) -> None:
     trainer.train(comm, cpu, _cfg(*ASYNC), out / "async")
     (out / f"voted-{comm.rank}.json").write_text(json.dumps(voted_while_writing))
     dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # as tests/helpers.py: no interpreter teardown
+    del comm
+    end_process_groups()
 
 
 @pytest.mark.timeout(180)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,40 +123,26 @@ COMMON = [
     os.name != "posix" or os.geteuid() != 0 or shutil.which("ip") is None,
     reason="needs root and iproute2 (ip netns) to make two network namespaces",
 )
-def test_two_nodes_in_network_namespaces_equal_one_node(tmp_path):
+def test_two_nodes_in_network_namespaces_equal_one_node_and_survive_the_link_down_for_5_s(tmp_path):
+    """The same run on one node and on two "hosts" (bench/twohost.sh): fp32-equal. Then the veth
+    between the hosts goes down for 5 s while they train: TCP retransmits, the step in the
+    outage waits, nothing fails (5 s < parallel.peer_timeout_s), and the weights are
+    bit-identical to the clean link's."""
+    common = [x for x in COMMON if not x.startswith("trainer.max_steps")]
+    common += ["trainer.max_steps=24", "trainer.log_every_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env.pop("HYBRIDPAR_FAULT", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     one = run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "hybridpar.train",
-            *COMMON,
-            f"hydra.run.dir={tmp_path / 'one'}",
-        ],
+        [*torchrun, "-m", "hybridpar.train", *common, f"hydra.run.dir={tmp_path / 'one'}"],
         cwd=tmp_path,
         env=env,
         timeout=200,
     )
     assert one.returncode == 0, one.stderr[-2000:]
     before = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
-    two = run_cmd(
-        [
-            "bash",
-            str(ROOT / "bench" / "twohost.sh"),
-            "1gbit",
-            "-m",
-            "hybridpar.train",
-            *COMMON,
-            f"hydra.run.dir={tmp_path / 'two'}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        timeout=200,
-    )
+    twohost = ["bash", str(ROOT / "bench" / "twohost.sh"), "1gbit", "-m", "hybridpar.train", *common]
+    two = run_cmd([*twohost, f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path, env=env, timeout=200)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     assert (
         subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout == before
@@ -167,6 +154,39 @@ def test_two_nodes_in_network_namespaces_equal_one_node(tmp_path):
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6)
     assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+
+    proc = subprocess.Popen(
+        [*twohost, f"hydra.run.dir={tmp_path / 'cut'}"],
+        cwd=tmp_path,
+        env={**env, "HYBRIDPAR_FAULT": "slow@200"},  # time to cut the link while it trains
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    ns, ifc = f"hpB{proc.pid}", f"vB{proc.pid}"  # bench/twohost.sh names them by its pid
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 150
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run did not start training"
+            time.sleep(0.05)
+        subprocess.run(["ip", "-n", ns, "link", "set", ifc, "down"], check=True)
+        time.sleep(5)
+        subprocess.run(["ip", "-n", ns, "link", "set", ifc, "up"], check=True)
+        out, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    steps = [json.loads(line).get("perf/step_s") for line in metrics.read_text().splitlines()]
+    steps = [s for s in steps if s is not None]
+    assert len(steps) == 24 and max(steps) > 4, steps  # one step waited out the outage
+    print(f"link down 5 s: slowest step {max(steps):.2f} s, median {sorted(steps)[12]:.3f} s")
+    c = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "cut" / "checkpoints")[0])
+    for n in b:
+        assert torch.equal(b[n], c[n]), n
 
 
 @pytest.mark.timeout(400)

@@ -4,23 +4,39 @@
 #   bench/twohost.sh RATE COMMAND...      e.g. bench/twohost.sh 100mbit bench/schemes.py --batch 16
 # COMMAND is what torchrun runs on each node (a script path, or -m module). The namespaces are
 # always removed at the end, also on failure or Ctrl-C. TORCHRUN_ARGS adds torchrun options on both
-# nodes (e.g. "--max-restarts=2").
+# nodes (e.g. "--max-restarts=2"). NETEM makes the link lossy and slow instead of a veth, e.g.
+# NETEM="--loss 0.01 --delay-ms 20 --jitter-ms 10" (bench/netem.py; the kernel here has no netem).
 set -euo pipefail
 rate="${1:?rate, e.g. 1gbit}"
 shift
-a="hpA$$" b="hpB$$"
-cleanup() { ip netns del "$a" 2>/dev/null || true; ip netns del "$b" 2>/dev/null || true; }
+a="hpA$$" b="hpB$$" relay=""
+cleanup() {
+  [ -n "$relay" ] && kill "$relay" 2>/dev/null
+  ip netns del "$a" 2>/dev/null || true
+  ip netns del "$b" 2>/dev/null || true
+}
 trap cleanup EXIT INT TERM
 ip netns add "$a"
 ip netns add "$b"
-ip link add "vA$$" type veth peer name "vB$$"
-ip link set "vA$$" netns "$a"
-ip link set "vB$$" netns "$b"
-ip -n "$a" addr add 198.18.0.1/24 dev "vA$$"
-ip -n "$b" addr add 198.18.0.2/24 dev "vB$$"
 for ns in "$a" "$b"; do ip -n "$ns" link set lo up; done
-ip -n "$a" link set "vA$$" up
-ip -n "$b" link set "vB$$" up
+if [ -n "${NETEM:-}" ]; then
+  # A lossy, slow link (bench/netem.py: tc netem in user space, over two TUN devices).
+  ready="$(mktemp -u)"
+  read -ra netem <<<"$NETEM"
+  "${PYTHON:-python}" "$(dirname "$0")/netem.py" --ns "$a" "$b" --tun "vA$$" "vB$$" --ready "$ready" "${netem[@]}" &
+  relay=$!
+  for _ in $(seq 100); do [ -e "$ready" ] && break; sleep 0.1; done
+  [ -e "$ready" ] || { echo "bench/netem.py did not bring the link up" >&2; exit 1; }
+  rm -f "$ready"
+else
+  ip link add "vA$$" type veth peer name "vB$$"
+  ip link set "vA$$" netns "$a"
+  ip link set "vB$$" netns "$b"
+  ip -n "$a" addr add 198.18.0.1/24 dev "vA$$"
+  ip -n "$b" addr add 198.18.0.2/24 dev "vB$$"
+  ip -n "$a" link set "vA$$" up
+  ip -n "$b" link set "vB$$" up
+fi
 # The bucket holds 10 ms at the rate (at least 256 kB): a smaller one caps fast links below RATE.
 # The cost model knows it (costmodel.tbf_burst).
 burst=$("${PYTHON:-python}" -c "from hybridpar.costmodel import tbf_burst; print(tbf_burst('$rate'))")

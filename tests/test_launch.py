@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -123,13 +124,14 @@ COMMON = [
     os.name != "posix" or os.geteuid() != 0 or shutil.which("ip") is None,
     reason="needs root and iproute2 (ip netns) to make two network namespaces",
 )
-def test_two_nodes_in_network_namespaces_equal_one_node_and_survive_the_link_down_for_5_s(tmp_path):
-    """The same run on one node and on two "hosts" (bench/twohost.sh): fp32-equal. Then the veth
-    between the hosts goes down for 5 s while they train: TCP retransmits, the step in the
-    outage waits, nothing fails (5 s < parallel.peer_timeout_s), and the weights are
-    bit-identical to the clean link's."""
+def test_two_nodes_equal_one_node_and_a_lossy_slow_link_down_for_5_s_changes_no_bit(tmp_path):
+    """The same run on one node and on two "hosts" (bench/twohost.sh): fp32-equal. Then the same
+    two-host run on a hostile link — 1% of packets lost, 20 ± 10 ms each way (bench/netem.py) —
+    that also goes down for 5 s while they train: TCP retransmits, the step in the outage waits,
+    nothing fails (5 s < parallel.peer_timeout_s), and the weights are bit-identical to the
+    clean link's."""
     common = [x for x in COMMON if not x.startswith("trainer.max_steps")]
-    common += ["trainer.max_steps=24", "trainer.log_every_steps=1"]
+    common += ["trainer.max_steps=12", "trainer.log_every_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     env.pop("HYBRIDPAR_FAULT", None)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -158,7 +160,7 @@ def test_two_nodes_in_network_namespaces_equal_one_node_and_survive_the_link_dow
     proc = subprocess.Popen(
         [*twohost, f"hydra.run.dir={tmp_path / 'cut'}"],
         cwd=tmp_path,
-        env={**env, "HYBRIDPAR_FAULT": "slow@200"},  # time to cut the link while it trains
+        env={**env, "NETEM": "--loss 0.01 --delay-ms 20 --jitter-ms 10"},  # a link that loses and delays packets
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -168,7 +170,7 @@ def test_two_nodes_in_network_namespaces_equal_one_node_and_survive_the_link_dow
     metrics = tmp_path / "cut" / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 150
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
             assert time.monotonic() < deadline and proc.poll() is None, "the run did not start training"
             time.sleep(0.05)
         subprocess.run(["ip", "-n", ns, "link", "set", ifc, "down"], check=True)
@@ -180,10 +182,18 @@ def test_two_nodes_in_network_namespaces_equal_one_node_and_survive_the_link_dow
             os.killpg(proc.pid, 9)
             proc.communicate()
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
-    steps = [json.loads(line).get("perf/step_s") for line in metrics.read_text().splitlines()]
-    steps = [s for s in steps if s is not None]
-    assert len(steps) == 24 and max(steps) > 4, steps  # one step waited out the outage
-    print(f"link down 5 s: slowest step {max(steps):.2f} s, median {sorted(steps)[12]:.3f} s")
+    steps, clean = (
+        [
+            r["perf/step_s"]
+            for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+            if "perf/step_s" in r
+        ]
+        for d in ("cut", "two")
+    )
+    assert len(steps) == 12 and max(steps) > 4, steps  # one step waited out the outage
+    median, clean_median = statistics.median(steps), statistics.median(clean)
+    assert median > clean_median + 0.02, (median, clean_median)  # the link really was slow
+    print(f"lossy link: median step {median:.3f} s (clean {clean_median:.3f} s); link down 5 s: {max(steps):.2f} s")
     c = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "cut" / "checkpoints")[0])
     for n in b:
         assert torch.equal(b[n], c[n]), n
@@ -202,7 +212,7 @@ def test_a_frozen_node_is_dropped_in_seconds_and_a_replacement_grows_the_run_bac
     step (SIGTERM from its agent), and both finish the run. The two agents then hold different
     restart counts (A restarted once, the new B never): the new group forms anyway. The final
     weights are the uninterrupted run's (fp32: the worker count changed twice)."""
-    exact = ["trainer.max_steps=40", "checkpoint.every_steps=4", "checkpoint.keep_last=null"]
+    exact = ["trainer.max_steps=24", "checkpoint.every_steps=4", "checkpoint.keep_last=null"]
     exact += ["data.global_batch=24", "model.dropout=0.0", "trainer.deterministic=true", "logger=none"]
     exact += ["trainer.progress=false", "trainer.log_every_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -229,7 +239,7 @@ def test_a_frozen_node_is_dropped_in_seconds_and_a_replacement_grows_the_run_bac
     assert "silent for 2 s (parallel.peer_timeout_s=2)" in logs and "preempted at step" in logs, logs
     assert "resuming with 1 workers (a) from a checkpoint of 2" in logs, logs
     assert "resuming with 2 workers (a) from a checkpoint of 1" in logs, logs
-    assert got["summary"]["steps"] == 40 and got["summary"]["world_size"] == 2, got["summary"]
+    assert got["summary"]["steps"] == 24 and got["summary"]["world_size"] == 2, got["summary"]
     assert subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout == before
     a = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "ref" / "checkpoints")[0])
     b = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "run" / "checkpoints")[0])

@@ -102,7 +102,6 @@ def end_process_groups() -> None:
     gc.collect()
     time.sleep(0.01)  # let gloo's threads finish dropping the last collectives (they need the GIL)
     dist.destroy_process_group()
-    gc.collect()
 
 
 def run_workers(

@@ -38,11 +38,14 @@ class ModelConfig:
 @dataclass
 class AlexNetConfig(ModelConfig):
     name: str = "alexnet"
+    init: str = "torchvision"  # torchvision | paper: N(0, 0.01) weights, biases 1 in conv2/4/5 and FC6/7
+    widths: str = "torchvision"  # torchvision: 64-192-384-256-256 convs (its weights load) | paper: 64-192-384-384-256
 
 
 @dataclass
 class AlexNetSmallConfig(ModelConfig):
     name: str = "alexnet_small"
+    init: str = "torchvision"  # torchvision | paper (as model=alexnet's)
     channels: list[int] = field(default_factory=lambda: [32, 64, 96, 64, 64])  # conv widths
     hidden: int = 512  # FC width
     pool_size: int = 3  # adaptive pooling before the head
@@ -81,6 +84,7 @@ class DataConfig:
     global_batch: int | None = None  # optional: K * batch_size must equal it
     image_size: int = 32
     num_workers: int = 0
+    loader: str = "torch"  # torch: DataLoader worker processes; dali: NVIDIA DALI (data=imagenet, the [dali] extra)
 
 
 @dataclass
@@ -110,6 +114,17 @@ class FakeDataConfig(DataConfig):
     val_size: int = 256  # held-out images
     num_classes: int = 1000
     num_workers: int = 2
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    name: str = "synthetic"
+    batch_size: int = 128
+    image_size: int = 224
+    size: int = 1024  # training examples, drawn once on each worker's device
+    val_size: int = 256  # held-out examples
+    num_classes: int = 1000
+    seed: int = 0  # of the draws (the run's seed shuffles them)
 
 
 @dataclass
@@ -247,6 +262,7 @@ OPTION_SCHEMAS = {
         "embedded": EmbeddedDataConfig,
         "imagenet": ImageNetDataConfig,
         "fake": FakeDataConfig,
+        "synthetic": SyntheticDataConfig,
     },
 }
 

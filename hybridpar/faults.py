@@ -6,8 +6,9 @@ step 3. ``term@4`` sends SIGTERM after step 4 (worker 0, first attempt only) as 
 would: to torchrun, which passes it on to every worker, or, without torchrun, to this process.
 ``freeze@6`` freezes the host after step 6 (first attempt only): SIGSTOP to torchrun, this
 worker's parent, and to this worker — processes that hold their connections open and say nothing,
-as a hung or cut-off machine does; ``freeze@6:1`` only on worker 1. ``slow@300`` makes every step
-take 300 ms more (every attempt), so that a test can act while a run is still training.
+as a hung or cut-off machine does; ``freeze@6:1`` only on worker 1. ``slow@300`` delays every batch
+by 300 ms (every attempt), as a loader that cannot keep up would (it counts as waiting for data), so
+that a test can act while a run is still training.
 Unset in normal use: :func:`inject` then hands the batches through untouched.
 """
 

@@ -19,21 +19,29 @@ from omegaconf import DictConfig, OmegaConf
 @dataclass
 class Meter:
     """Per-step timings and bytes of this worker (medians go into the summary), and the training
-    loss since the last log line (this worker's share of each step's global-batch mean)."""
+    loss since the last log line (this worker's share of each step's global-batch mean).
+
+    ``data_s`` is the time the loop waited for each batch, apart from the step: a loader that cannot keep
+    up shows there, and in the end-to-end ``images_per_s``, instead of hiding behind the step's speed."""
 
     step_s: list[float] = field(default_factory=list)
+    data_s: list[float] = field(default_factory=list)
     comm_s: list[float] = field(default_factory=list)
     comm_bytes: list[int] = field(default_factory=list)
     train_s: float = 0.0
+    wait_s: float = 0.0
     images: int = 0
     loss_sum: float = 0.0
     loss_n: int = 0
+    warned: bool = False
 
-    def add(self, seconds: float, comm_s: float, comm_bytes: int, images: int, loss: float) -> None:
+    def add(self, seconds: float, data_s: float, comm_s: float, comm_bytes: int, images: int, loss: float) -> None:
         self.step_s.append(seconds)
+        self.data_s.append(data_s)
         self.comm_s.append(comm_s)
         self.comm_bytes.append(comm_bytes)
         self.train_s += seconds
+        self.wait_s += data_s
         self.images += images
         if math.isfinite(loss):  # a skipped non-finite step adds no loss
             self.loss_sum += loss
@@ -47,11 +55,27 @@ class Meter:
         dt, comm = self.step_s[-1], self.comm_s[-1]
         return {
             "perf/step_s": dt,
+            "perf/data_s": self.data_s[-1],
             "perf/comm_s": comm,
             "perf/compute_s": max(0.0, dt - comm),
-            "perf/images_per_s": images / dt,
+            "perf/images_per_s": images / (dt + self.data_s[-1]),
+            "perf/step_images_per_s": images / dt,
             "perf/comm_bytes": self.comm_bytes[-1],
         }
+
+    def data_bound(self, window: int) -> tuple[float, float] | None:
+        """``(data wait, step)`` medians over the last ``window`` steps when the wait exceeds 10% of the
+        step, the first time only (one warning per run); the first step, which starts the loader, is left out."""
+        if self.warned:
+            return None
+        waits, steps = self.data_s[1:][-window:], self.step_s[1:][-window:]
+        if not waits:
+            return None
+        wait, step = statistics.median(waits), statistics.median(steps)
+        if wait <= 0.1 * step:
+            return None
+        self.warned = True
+        return wait, step
 
 
 class Outputs:

@@ -144,6 +144,10 @@ def best(ls: Sequence[Layout]) -> Layout:
 def main(argv: Sequence[str] | None = None) -> None:
     args = dict(DEFAULTS)
     for item in sys.argv[1:] if argv is None else argv:
+        if item in ("-h", "--help"):
+            keys = " ".join(f"{k}={v or '<unset>'}" for k, v in DEFAULTS.items())
+            print(f"usage: hybridpar-plan [key=value ...]\n\n{__doc__}\ndefaults: {keys}")
+            raise SystemExit(0)
         key, eq, value = item.partition("=")
         if not eq or key not in DEFAULTS:
             print(f"hybridpar.plan: error: {item!r}: use key=value with key in {', '.join(DEFAULTS)}", file=sys.stderr)

@@ -53,7 +53,8 @@ def _summary_text(s: dict) -> str:
         f"scheme {s['scheme']} on {s['world_size']} worker(s) ({'emulated' if s['emulated'] else 'torch.distributed'}, "
         f"{s['device']}, {s['precision']}): {s['steps']} steps, {s['epochs']:.2f} epochs\n"
         f"held-out top-1 {s['val_top1']:.4f}  top-5 {s['val_top5']:.4f}  train loss {s['train_loss']:.4f}\n"
-        f"{s['images_per_s']:.1f} images/s; per step {s['step_s'] * 1e3:.1f} ms "
+        f"{s['images_per_s']:.1f} images/s ({s['step_images_per_s']:.1f} by step time alone; "
+        f"{s['data_s_per_step'] * 1e3:.1f} ms waiting for data per step); per step {s['step_s'] * 1e3:.1f} ms "
         f"(compute {s['compute_s_per_step'] * 1e3:.1f} ms, communication {s['comm_s_per_step'] * 1e3:.1f} ms), "
         f"{s['comm_bytes_per_step'] / 1e6:.3f} MB sent per worker; wall {s['wall_s']:.1f} s"
     )

@@ -24,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from hybridpar import checkpoint, faults
 from hybridpar.comm import Communicator, DistCommunicator
 from hybridpar.config import unknown_keys
-from hybridpar.data import build_datasets, eval_batches, train_loader
+from hybridpar.data import LOADERS, build_datasets, eval_batches, train_loader
 from hybridpar.errors import ConfigError, HybridparError
 from hybridpar.models import build_model
 from hybridpar.models.split import split_model
@@ -122,6 +122,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("comm_dtype", "trunk_comm_dtype"):
         if cfg.parallel[key] not in PRECISIONS:
             raise ConfigError(f"parallel.{key}={cfg.parallel[key]!r} is not one of fp32, bf16")
+    _validate_loader(cfg.data)
     if cfg.optim.conv_lr_scale not in LR_SCALES:
         raise ConfigError(f"optim.conv_lr_scale={cfg.optim.conv_lr_scale!r} is not one of {', '.join(LR_SCALES)}")
     if cfg.trainer.precision not in PRECISIONS:
@@ -130,6 +131,19 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.epochs must be a positive integer, got {cfg.trainer.epochs!r}")
     if cfg.trainer.max_steps is not None and cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be a positive integer or null, got {cfg.trainer.max_steps!r}")
+
+
+def _validate_loader(data: DictConfig) -> None:
+    """``data.loader`` before any worker starts: a DALI run on a machine without DALI is one line, not a
+    traceback from every worker after the rendezvous."""
+    if data.loader not in LOADERS:
+        raise ConfigError(f"data.loader={data.loader!r} is not one of {', '.join(LOADERS)}")
+    if data.loader == "dali":
+        if data.name != "imagenet":
+            raise ConfigError(f"data.loader=dali reads image folders: it needs data=imagenet, not data={data.name}")
+        from hybridpar.data.dali import require_dali
+
+        require_dali()
 
 
 def _agreed(comm: Communicator, fn):
@@ -191,6 +205,8 @@ def setup(comm: Communicator, device: torch.device, cfg: DictConfig) -> Setup:
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
+        loader=cfg.data.loader,
+        device=device,
     )
     _fast_path(cfg, model if cfg.parallel.scheme != "ddp" else plain, split.trunk_module_names(), device)
     return Setup(model, plain, optimizer, b, loader, data.val, data.num_classes)
@@ -319,6 +335,8 @@ def evaluate(comm: Communicator, device: torch.device, cfg: DictConfig, s: Setup
         rank=comm.rank,
         world_size=comm.world_size,
         num_workers=cfg.data.num_workers,
+        loader=cfg.data.loader,
+        device=device,
     )
     with torch.no_grad(), _autocast(device, cfg.trainer.precision):
         for x, y, valid in batches:
@@ -360,9 +378,11 @@ def train(
     step_fn, meter, K = _step_function(comm, device, cfg, s), Meter(), comm.world_size
     with Outputs(cfg, run_dir, run.total, comm.rank) as out:
         run.announce()
+        asked = time.perf_counter()
         for step, epoch, x, y in faults.inject(_batches(s.loader, start, run.total), comm.rank):
             comm.ledger.reset()
             t0 = time.perf_counter()
+            data_s = t0 - asked  # the wait for this batch: the loader's share, not the step's
             x, y = _inputs(x, device, cfg), y.to(device, non_blocking=True)
             s.optimizer.zero_grad(set_to_none=True)
             loss = step_fn(x, y).item()  # this worker's share of the global mean; one host sync per step
@@ -372,10 +392,11 @@ def train(
             run.schedule.after_step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            meter.add(time.perf_counter() - t0, comm_s, comm_bytes, x.shape[0] * K, loss)
+            meter.add(time.perf_counter() - t0, data_s, comm_s, comm_bytes, x.shape[0] * K, loss)
             run.after_step(step, epoch, meter, out, x.shape[0] * K)  # log, evaluate, checkpoint: each on its cadence
             if run.stopping and step < run.total:
                 run.preempt(step)  # a checkpoint of this step, then Preempted on every worker
+            asked = time.perf_counter()  # evaluation and checkpoints above are neither data wait nor step
         run.finish_checkpoint()  # none is left in flight (the last step's is written at once); kept for safety
         summary = run.summary(start, meter)
     out.finish(summary)
@@ -500,11 +521,24 @@ class _Run:
             meter.loss_sum, meter.loss_n = 0.0, 0
             lrs = {f"lr/{name}": lr for name, lr in learning_rates(self.s.optimizer).items()}
             out.emit({"step": step, "epoch": epoch, "train/loss": self.train_loss, **meter.last_step(images), **lrs})
+            self._warn_data_bound(meter)
         out.stepped(self.train_loss if logged else None)
         if (every_eval and step % every_eval == 0) or step % self.steps_per_epoch == 0 or step == self.total:
             self.evaluate(step, epoch, out)
         if (every_ck and step % every_ck == 0) or step >= self.total:
             self.save(step)
+
+    def _warn_data_bound(self, meter: Meter) -> None:
+        slow = meter.data_bound(window=max(self.cfg.trainer.log_every_steps, 5))
+        if slow and self.comm.rank == 0:
+            wait, step = slow
+            log.warning(
+                "the data loader is the bottleneck: %.1f ms waiting for each batch, %.0f%% of the %.1f ms step "
+                "(more data.num_workers, data.loader=dali for image folders; data=synthetic times the step alone)",
+                wait * 1e3,
+                100 * wait / step,
+                step * 1e3,
+            )
 
     def preempt(self, step: int) -> None:
         """Leave after ``step`` with a checkpoint of it (every worker: they voted together),
@@ -601,7 +635,10 @@ def _summary(run: _Run, start, meter: Meter, steps: int, unreadable: int) -> dic
         "precision": cfg.trainer.precision,
         "local_batch": s.local_batch,
         "global_batch": s.local_batch * K,
-        "images_per_s": meter.images / meter.train_s if meter.train_s else 0.0,
+        # End to end (waiting for data included); the step's own rate beside it: the gap is the loader's.
+        "images_per_s": meter.images / (meter.train_s + meter.wait_s) if meter.train_s else 0.0,
+        "step_images_per_s": meter.images / meter.train_s if meter.train_s else 0.0,
+        "data_s_per_step": meter.median("data_s"),
         "step_s": meter.median("step_s"),
         "comm_s_per_step": meter.median("comm_s"),
         "compute_s_per_step": max(0.0, meter.median("step_s") - meter.median("comm_s")),

@@ -9,11 +9,13 @@ from hybridpar.data.bundle import DataBundle, DataError, cfg_get
 from hybridpar.data.embedded import build_embedded
 from hybridpar.data.fake import build_fake
 from hybridpar.data.imagenet import build_imagenet
+from hybridpar.data.synthetic import build_synthetic
 
 BUILDERS: dict[str, Callable[[Mapping[str, Any]], DataBundle]] = {
     "embedded": build_embedded,
     "imagenet": build_imagenet,
     "fake": build_fake,
+    "synthetic": build_synthetic,
 }
 
 

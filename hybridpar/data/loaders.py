@@ -10,6 +10,10 @@ Image folders (``ImageFiles``) take a second path through both: the sampler hand
 ``(index, epoch)`` keys, the dataset returns what stood in for any unreadable file, and the loader strips
 that in the consuming process, so callers see the same ``(x, y)`` / ``(x, y, valid)`` batches while
 ``loader.skipped`` / ``batches.skipped`` count the examples whose file could not be read.
+
+Two more sources give the same interface (``start_epoch``, ``(x, y)`` batches, ``skipped``; ``(x, y, valid)``
+for evaluation) and the same per-epoch split: ``data=synthetic`` (a pool already on the device,
+``synthetic.py``) and ``data.loader=dali`` for image folders (``dali.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, de
 
 from hybridpar.data.bundle import DataError, check_int
 from hybridpar.data.imagenet import ImageFiles, Loaded, report_unreadable
+from hybridpar.data.synthetic import SyntheticImages, SyntheticLoader, synthetic_eval_batches
+
+LOADERS = ("torch", "dali")
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -156,8 +163,10 @@ def train_loader(
     seed: int,
     num_workers: int = 0,
     pin_memory: bool = False,
+    loader: str = "torch",
+    device: torch.device | str = "cpu",
 ) -> DataLoader:
-    """Batches of ``local_batch`` for worker ``rank``; call ``loader.sampler.set_epoch(epoch)`` before each epoch.
+    """Batches of ``local_batch`` for worker ``rank``; call ``loader.start_epoch(epoch)`` before each epoch.
 
     Each epoch every example is used at most once across all workers; the ``len(dataset) % (world_size *
     local_batch)`` left over after the last full global batch sit the epoch out (a different few each epoch).
@@ -172,6 +181,16 @@ def train_loader(
         raise DataError(
             f"the training set has {len(dataset)} examples, fewer than one global batch "
             f"(world_size={world_size} x local_batch={local_batch} = {global_batch})"
+        )
+    if isinstance(dataset, SyntheticImages):  # already on the device: no loader at all
+        return SyntheticLoader(
+            dataset, local_batch=local_batch, rank=rank, world_size=world_size, seed=seed, device=device
+        )
+    if _dali(loader, dataset):
+        from hybridpar.data.dali import dali_train_loader
+
+        return dali_train_loader(
+            dataset, local_batch=local_batch, rank=rank, world_size=world_size, seed=seed, device=torch.device(device)
         )
     keyed = isinstance(dataset, ImageFiles)
     sampler = _Sampler(
@@ -201,8 +220,15 @@ def eval_steps(n_examples: int, local_batch: int, world_size: int) -> int:
 
 
 def eval_batches(
-    dataset: Dataset, *, local_batch: int, rank: int, world_size: int, num_workers: int = 0
-) -> EvalBatches:
+    dataset: Dataset,
+    *,
+    local_batch: int,
+    rank: int,
+    world_size: int,
+    num_workers: int = 0,
+    loader: str = "torch",
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """``(x, y, valid)`` batches of exactly ``local_batch`` rows over examples ``rank, rank+world_size, ...``.
 
     Every worker yields ``eval_steps(len(dataset), local_batch, world_size)`` batches; rows past a worker's
@@ -216,7 +242,24 @@ def eval_batches(
     n = len(dataset)
     if n == 0:
         raise DataError("the held-out set is empty; nothing to evaluate")
+    if isinstance(dataset, SyntheticImages):
+        return synthetic_eval_batches(dataset, local_batch=local_batch, rank=rank, world_size=world_size, device=device)
+    if _dali(loader, dataset):
+        from hybridpar.data.dali import dali_eval_batches
+
+        return dali_eval_batches(
+            dataset, local_batch=local_batch, rank=rank, world_size=world_size, device=torch.device(device)
+        )
     return EvalBatches(dataset, local_batch, rank, world_size, num_workers)
+
+
+def _dali(loader: str, dataset: Dataset) -> bool:
+    """Whether ``data.loader`` asks for DALI; it reads image files, so only ImageNet-style folders qualify."""
+    if loader not in LOADERS:
+        raise DataError(f"data.loader={loader!r} is not a known loader; known: {', '.join(LOADERS)}")
+    if loader == "dali" and not isinstance(dataset, ImageFiles):
+        raise DataError("data.loader=dali reads image folders: it needs data=imagenet")
+    return loader == "dali"
 
 
 class EvalBatches(Iterator[tuple[Tensor, Tensor, Tensor]]):

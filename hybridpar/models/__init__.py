@@ -2,13 +2,13 @@
 
 from torch import nn
 
-from hybridpar.models.alexnet import AlexNet, alexnet, alexnet_small
+from hybridpar.models.alexnet import INITS, WIDTHS, AlexNet, alexnet, alexnet_small, init_paper
 from hybridpar.models.seeded import build_seeded
 from hybridpar.models.vgg import CONFIGS as _VGG_CONFIGS
 from hybridpar.models.vgg import vgg
 
 VGG_DEPTHS = tuple(_VGG_CONFIGS)
-__all__ = ["AlexNet", "alexnet", "alexnet_small", "build_model", "build_seeded", "vgg"]
+__all__ = ["AlexNet", "alexnet", "alexnet_small", "build_model", "build_seeded", "init_paper", "vgg"]
 
 
 def build_model(cfg, num_classes: int, in_channels: int, seed: int):
@@ -21,13 +21,17 @@ def build_model(cfg, num_classes: int, in_channels: int, seed: int):
             raise ConfigError(
                 f"model=alexnet takes 3-channel 224 px images; this data has {in_channels} channel(s): use model=alexnet_small"
             )
-        return build_seeded(lambda: alexnet(num_classes, cfg.get("dropout", 0.5)), seed)
+        widths, init = cfg.get("widths", "torchvision"), _alexnet_init(cfg)
+        if widths not in WIDTHS:
+            raise ConfigError(f"model.widths={widths!r} is not one of {', '.join(WIDTHS)}")
+        return build_seeded(lambda: init(alexnet(num_classes, cfg.get("dropout", 0.5), widths=widths)), seed)
     if name == "alexnet_small":
         widths = {k: cfg[k] for k in ("channels", "hidden", "pool_size") if cfg.get(k) is not None}
         if "channels" in widths:
             widths["channels"] = tuple(widths["channels"])
+        init = _alexnet_init(cfg)
         return build_seeded(
-            lambda: alexnet_small(num_classes, cfg.get("dropout", 0.5), in_channels=in_channels, **widths), seed
+            lambda: init(alexnet_small(num_classes, cfg.get("dropout", 0.5), in_channels=in_channels, **widths)), seed
         )
     if name in VGG_DEPTHS:
         widths = {k: cfg[k] for k in ("width", "hidden", "pool_size") if cfg.get(k) is not None}
@@ -49,6 +53,21 @@ def build_model(cfg, num_classes: int, in_channels: int, seed: int):
     raise ConfigError(
         f"model.name={name!r} is not one of alexnet, alexnet_small, {', '.join(VGG_DEPTHS)}, custom, torchvision"
     )
+
+
+def _alexnet_init(cfg):
+    """``model.init``: torchvision's (what construction leaves) or the AlexNet paper's, drawn right
+    after construction inside ``build_seeded``, so it too depends on the seed alone."""
+    from hybridpar.errors import ConfigError
+
+    init = cfg.get("init", "torchvision")
+    if init not in INITS:
+        raise ConfigError(f"model.init={init!r} is not one of {', '.join(INITS)}")
+    if init == "paper" and cfg.get("init_from"):
+        raise ConfigError(
+            f"model.init=paper and model.init_from={cfg.init_from} together: the state_dict replaces every weight the init draws"
+        )
+    return init_paper if init == "paper" else (lambda model: model)
 
 
 def from_torchvision(cfg, num_classes: int, in_channels: int):

@@ -1,7 +1,8 @@
 """AlexNet, the "one weird trick" variant, with torchvision's module layout and parameter names.
 
 ``alexnet()`` builds exactly ``torchvision.models.alexnet``'s architecture (a state_dict loads
-both ways with ``strict=True``). ``alexnet_small()`` keeps every layer kind and index (five
+both ways with ``strict=True``); ``widths="paper"`` gives conv4 the 384 channels of the "one
+weird trick" paper's footnote instead. ``alexnet_small()`` keeps every layer kind and index (five
 convs with ReLU, three overlapping 3×3/2 max-pools, adaptive average pool, dropout before
 FC6 and FC7, three Linear layers) but swaps the 11×11/4 stem for a 5×5/1 one so 28–64 px
 images keep a spatial map, and lets channel and FC widths shrink for CPU work.
@@ -9,10 +10,17 @@ images keep a spatial map, and lets channel and FC widths shrink for CPU work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+
+# Conv widths: torchvision's (its weights load) and the paper's footnote (conv4 as wide as conv3).
+WIDTHS: Mapping[str, tuple[int, ...]] = {
+    "torchvision": (64, 192, 384, 256, 256),
+    "paper": (64, 192, 384, 384, 256),
+}
+INITS = ("torchvision", "paper")
 
 
 class AlexNet(nn.Module):
@@ -70,9 +78,12 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def alexnet(num_classes: int = 1000, dropout: float = 0.5) -> AlexNet:
-    """torchvision's AlexNet: 224 px input, 64-192-384-256-256 conv channels, 4096-4096-N FC."""
-    return AlexNet(num_classes, dropout)
+def alexnet(num_classes: int = 1000, dropout: float = 0.5, *, widths: str = "torchvision") -> AlexNet:
+    """torchvision's AlexNet: 224 px input, 64-192-384-256-256 conv channels (``widths="paper"``:
+    64-192-384-384-256), 4096-4096-N FC."""
+    if widths not in WIDTHS:
+        raise ValueError(f"AlexNet widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
+    return AlexNet(num_classes, dropout, channels=WIDTHS[widths])
 
 
 def alexnet_small(
@@ -95,3 +106,17 @@ def alexnet_small(
         pool_size=pool_size,
         stem="small",
     )
+
+
+def init_paper(model: AlexNet) -> AlexNet:
+    """The AlexNet paper's initialisation (Krizhevsky et al., 2012), in place, from torch's
+    generator: every weight from N(0, 0.01²); biases 1 in conv2, conv4, conv5 and the two hidden FC
+    layers, so their ReLUs start with positive inputs, and 0 in conv1, conv3 and the last FC."""
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    ones = {convs[1], convs[3], convs[4], fcs[0], fcs[1]}
+    with torch.no_grad():
+        for m in convs + fcs:
+            m.weight.normal_(0.0, 0.01)
+            m.bias.fill_(1.0 if m in ones else 0.0)
+    return model

@@ -194,20 +194,20 @@ def test_broken_foreign_and_malicious_checkpoints_are_refused_in_one_line(tmp_pa
     assert checkpoint.latest(root)[0] == good
     proc = _train(tmp_path / "a", "trainer.max_steps=4", "checkpoint.every_steps=2")
     assert proc.returncode == 0 and json.loads((tmp_path / "a" / "summary.json").read_text())["resumed_from_step"] == 2
-    # Named explicitly, a broken checkpoint is an error, not a fallback.
+    # Named explicitly, a broken checkpoint is an error, not a fallback: one line from the command line ...
     shutil.copytree(good, tmp_path / "broken")
     (tmp_path / "broken" / "worker-000.pt").write_bytes(b"\0" * 10)
     assert "truncated" in _error_line(
         _train(tmp_path / "b", "trainer.max_steps=4", f"checkpoint.resume={tmp_path / 'broken'}")
     )
-    assert "not a hybridpar checkpoint" in _error_line(_train(tmp_path / "c", f"checkpoint.resume={tmp_path}"))
-    # Another model (other head width): refused before any weight is touched.
-    other = _train(tmp_path / "c", "trainer.max_steps=1", "model.hidden=64", f"checkpoint.resume={good}")
-    assert "written for another model" in _error_line(other)
-    # Another class count (its meta says 7 classes; this model has 10).
-    foreign = _train(tmp_path / "d", "trainer.max_steps=1", f"checkpoint.resume={_with_classes(good, tmp_path)}")
-    assert "written for another model" in _error_line(foreign) and "[7" in _error_line(foreign)
-    # A file with code in it: weights_only refuses to unpickle it; the code never runs.
+    # ... and the same resume path, in process, for the rest: not a checkpoint at all,
+    assert "not a hybridpar checkpoint" in _resume_error(tmp_path)
+    # another model (other head width): refused before any weight is touched,
+    assert "written for another model" in _resume_error(good, "model.hidden=64")
+    # another class count (its meta says 7 classes; this model has 10),
+    foreign = _resume_error(_with_classes(good, tmp_path))
+    assert "written for another model" in foreign and "[7" in foreign
+    # a file with code in it: weights_only refuses to unpickle it; the code never runs.
     evil = tmp_path / "evil"
     shutil.copytree(good, evil)
     marker = tmp_path / "pwned"
@@ -218,9 +218,29 @@ def test_broken_foreign_and_malicious_checkpoints_are_refused_in_one_line(tmp_pa
         "sha256": checkpoint._sha256(evil / "worker-000.pt"),
     }
     (evil / "meta.json").write_text(json.dumps(meta))
-    line = _error_line(_train(tmp_path / "e", "trainer.max_steps=1", f"checkpoint.resume={evil}"))
-    assert "cannot be read as a checkpoint file" in line
+    assert "cannot be read as a checkpoint file" in _resume_error(evil)
     assert not marker.exists()
+
+
+def _resume_error(path: Path, *overrides: str) -> str:
+    """The error the training app's resume step raises for ``checkpoint.resume=path`` (two emulated workers,
+    the command line's default model with ``overrides``): what ``_error_line`` would show, without a launch."""
+    from hydra import compose, initialize_config_dir
+
+    from hybridpar import config
+    from hybridpar.trainer import _resume, setup
+    from tests.test_config import CONF
+
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("train", overrides=[f"checkpoint.resume={path}", "parallel.emulate=2", *overrides])
+
+    def resume(comm):
+        _resume(comm, cfg, path, setup(comm, torch.device("cpu"), cfg), schedule=None)
+
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        run_emulated(2, resume)
+    return str(info.value)
 
 
 def _with_classes(good: Path, tmp_path: Path) -> Path:
@@ -277,15 +297,14 @@ def test_nan_loss_in_chunk_mode_leaves_the_head_of_the_last_good_step(tmp_path):
         assert torch.equal(t, step3[name]), name
 
 
-TORCH_EXACT = ["trainer.max_steps=8", "checkpoint.every_steps=3", "trainer.deterministic=true", *QUIET]
+# The torchrun runs of this file and test_preemption.py: one uninterrupted reference serves both (conftest.py).
+TORCH_EXACT_10 = ["trainer.max_steps=10", "checkpoint.every_steps=3", "trainer.deterministic=true", *QUIET]
 
 
 @pytest.mark.timeout(600)
-def test_sigkilled_worker_restarts_under_torchrun_and_ends_identical(tmp_path):
-    ref = _run([*TORCHRUN, "-m", "hybridpar.train", *TORCH_EXACT, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path, 280)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_sigkilled_worker_restarts_under_torchrun_and_ends_identical(tmp_path, torchrun_reference):
     run = _run(
-        [*TORCHRUN, "--max-restarts=2", "-m", "hybridpar.train", *TORCH_EXACT, f"hydra.run.dir={tmp_path / 'run'}"],
+        [*TORCHRUN, "--max-restarts=2", "-m", "hybridpar.train", *TORCH_EXACT_10, f"hydra.run.dir={tmp_path / 'run'}"],
         tmp_path,
         280,
         HYBRIDPAR_FAULT="kill@5:1",
@@ -293,10 +312,10 @@ def test_sigkilled_worker_restarts_under_torchrun_and_ends_identical(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "SIGKILL" in run.stderr or "Signal 9" in run.stderr or "-9" in run.stderr, run.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["resumed_from_step"] == 3 and summary["steps"] == 8
-    a, b = _final(tmp_path / "ref"), _final(tmp_path / "run")
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
+    assert summary["resumed_from_step"] == 3 and summary["steps"] == 10
+    got = _final(tmp_path / "run")
+    for n in torchrun_reference:
+        assert torch.equal(torchrun_reference[n], got[n]), n
 
 
 def _silent_peer(rank: int, store: str, out: str) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from hybridpar import checkpoint
 from hybridpar.preemption import EXIT_PREEMPTED, StopRequest
-from tests.test_checkpoint import EXACT, TORCH_EXACT, TORCHRUN, _final, _run, _train
+from tests.test_checkpoint import EXACT, TORCH_EXACT_10, TORCHRUN, _final, _run, _train
 
 LINE = re.compile(r"^hybridpar: preempted at step (\d+) \(SIGTERM\); checkpoint (\S+); relaunch the same command")
 
@@ -53,14 +53,11 @@ def test_sigterm_stops_after_the_step_with_its_checkpoint_and_a_relaunch_resumes
 
 
 @pytest.mark.timeout(600)
-def test_sigterm_to_torchrun_checkpoints_every_worker_and_resumes_exactly(tmp_path):
+def test_sigterm_to_torchrun_checkpoints_every_worker_and_resumes_exactly(tmp_path, torchrun_reference):
     """What Slurm, Kubernetes and spot reclaim do: SIGTERM to torchrun, which passes it on. Every
     worker finishes its step, they agree, write the checkpoint of that step and leave inside
     torchrun's grace period; the relaunch ends bit-identical to an uninterrupted run."""
-    exact = [x for x in TORCH_EXACT if not x.startswith("trainer.max_steps")] + ["trainer.max_steps=10"]
-    ref = _run([*TORCHRUN, "-m", "hybridpar.train", *exact, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path, 280)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    cmd = [*TORCHRUN, "-m", "hybridpar.train", *exact, f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [*TORCHRUN, "-m", "hybridpar.train", *TORCH_EXACT_10, f"hydra.run.dir={tmp_path / 'run'}"]
     stopped = _run(cmd, tmp_path, 280, HYBRIDPAR_FAULT="term@4")
     assert stopped.returncode != 0, stopped.stderr[-3000:]
     step, _ = _stopped_at(stopped)
@@ -72,7 +69,7 @@ def test_sigterm_to_torchrun_checkpoints_every_worker_and_resumes_exactly(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["resumed_from_step"] == step and summary["steps"] == 10
-    _identical(_final(tmp_path / "ref"), _final(tmp_path / "run"))
+    _identical(torchrun_reference, _final(tmp_path / "run"))
 
 
 def test_a_stop_request_notes_the_first_signal_and_a_second_ctrl_c_interrupts():

@@ -45,7 +45,10 @@ class AlexNetConfig(ModelConfig):
 @dataclass
 class AlexNetSmallConfig(ModelConfig):
     name: str = "alexnet_small"
-    init: str = "torchvision"  # torchvision | paper (as model=alexnet's)
+    # He's init and light dropout: the small default model learns from its first steps (model=alexnet
+    # keeps torchvision's init and dropout 0.5, the paper's ImageNet choices).
+    init: str = "kaiming"  # kaiming | torchvision | paper (as model=alexnet's)
+    dropout: float | None = 0.2
     channels: list[int] = field(default_factory=lambda: [32, 64, 96, 64, 64])  # conv widths
     hidden: int = 512  # FC width
     pool_size: int = 3  # adaptive pooling before the head
@@ -167,15 +170,15 @@ class OptimConfig:
     conv_lr_scale: str = "none"  # none | sqrt | linear
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "plateau"  # plateau | step | cosine | constant
+    schedule: str = "cosine"  # plateau | step | cosine | constant (optim=paper: plateau, the AlexNet recipe)
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
     step: StepScheduleConfig = field(default_factory=StepScheduleConfig)
-    warmup_steps: int = 0
+    warmup_steps: int = 60
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 15
+    epochs: int = 6
     max_steps: int | None = None
     eval_every_steps: int | None = None
     log_every_steps: int = 10

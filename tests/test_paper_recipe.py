@@ -83,13 +83,28 @@ def test_default_init_is_torchvisions_bit_for_bit():
         for k, v in tv.items():
             assert torch.equal(sd[k], v), k
             assert torch.equal(plain[k], v), k
-    small_cfg = _compose("model=alexnet_small").model
+    small_cfg = _compose("model=alexnet_small", "model.init=torchvision").model
     small = build_model(small_cfg, 10, 1, 7).state_dict()
     today = build_seeded(
         lambda: alexnet_small(10, 0.5, in_channels=1, channels=(32, 64, 96, 64, 64), hidden=512, pool_size=3), 7
     ).state_dict()
     for k, v in today.items():
         assert torch.equal(small[k], v), k
+
+
+def test_the_small_models_default_init_is_hes():
+    """The small model's default: every weight N(0, 2/fan_in) (the last layer, no ReLU after it, 1/fan_in),
+    every bias 0 — not torchvision's uniform draws, whose std is √3 times smaller than He's."""
+    model = build_model(_compose().model, 10, 1, 5)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    for i, m in enumerate(layers):
+        w = m.weight.detach()
+        fan_in = w[0].numel()
+        want = (1.0 if i == len(layers) - 1 else 2.0) ** 0.5 / fan_in**0.5
+        # The sample std of n normal draws is within a few times want/√(2n) of want.
+        assert abs(w.std().item() - want) < 5 * want / (2 * w.numel()) ** 0.5, (i, w.std().item(), want)
+        assert abs(w.mean().item()) < 5 * want / w.numel() ** 0.5, i
+        assert not m.bias.any(), i
 
 
 def _shapes(**keys) -> dict[str, tuple[int, ...]]:
@@ -135,7 +150,7 @@ def test_torchvision_weights_are_refused_by_the_paper_widths_in_one_line(torchvi
 @pytest.mark.parametrize(
     "keys, fragment",
     [
-        ({"init": "kaiming"}, "model.init='kaiming' is not one of torchvision, paper"),
+        ({"init": "xavier"}, "model.init='xavier' is not one of torchvision, paper, kaiming"),
         ({"widths": "wide"}, "model.widths='wide' is not one of torchvision, paper"),
         ({"init": "paper", "init_from": "x.pt"}, "model.init=paper and model.init_from=x.pt together"),
     ],
@@ -162,7 +177,7 @@ def test_the_options_exist_only_where_they_mean_something(overrides, fragment):
 def test_presets_name_the_options_with_torchvision_as_default():
     cfg = _compose("model=alexnet")
     assert (cfg.model.init, cfg.model.widths) == ("torchvision", "torchvision")
-    assert _compose().model.init == "torchvision"
+    assert _compose().model.init == "kaiming"  # the small model: He's init (see the test above)
     assert _compose("model=alexnet", "model.init=paper", "model.widths=paper").model.widths == "paper"
 
 
@@ -176,7 +191,8 @@ def test_imagenet_brings_the_papers_recipe():
     assert (o.plateau.metric, o.plateau.factor, o.plateau.max_drops) == ("top1_error", 0.1, 3)
     # Other data keep the short default, and the command line still picks another schedule.
     default = _compose()
-    assert (default.trainer.epochs, default.optim.plateau.metric) == (15, "loss")
+    assert (default.trainer.epochs, default.optim.schedule, default.optim.warmup_steps) == (6, "cosine", 60)
+    assert (default.model.init, default.model.dropout) == ("kaiming", 0.2)  # the small model's quick recipe
     mine = _compose("data=imagenet", "data.root=/x", "optim=sgd", "trainer.epochs=3")
     assert (mine.trainer.epochs, mine.optim.plateau.metric) == (3, "loss")
 

@@ -116,6 +116,8 @@ def test_hydra_multirun_two_points(tmp_path):
             *TRAIN,
             "-m",
             "optim.lr=0.01,0.02",
+            "optim.schedule=constant",  # the configured rate itself, no warm-up, in the summary
+            "optim.warmup_steps=0",
             "trainer.max_steps=3",
             "logger=none",
             f"output_root={tmp_path}/runs",
@@ -300,6 +302,8 @@ def test_schemes_b_c_chunk_and_conv_lr_scale_from_the_command_line(tmp_path):
                 f"parallel.scheme={scheme}",
                 *extra,
                 "trainer.max_steps=4",
+                "optim.schedule=constant",  # the scaled rates themselves, no warm-up, in the summary
+                "optim.warmup_steps=0",
                 "parallel.comm_dtype=bf16",
                 "logger=none",
                 f"output_root={tmp_path}/{scheme}",

@@ -2,13 +2,13 @@
 
 from torch import nn
 
-from hybridpar.models.alexnet import INITS, WIDTHS, AlexNet, alexnet, alexnet_small, init_paper
+from hybridpar.models.alexnet import INITS, WIDTHS, AlexNet, alexnet, alexnet_small, init_kaiming, init_paper
 from hybridpar.models.seeded import build_seeded
 from hybridpar.models.vgg import CONFIGS as _VGG_CONFIGS
 from hybridpar.models.vgg import vgg
 
 VGG_DEPTHS = tuple(_VGG_CONFIGS)
-__all__ = ["AlexNet", "alexnet", "alexnet_small", "build_model", "build_seeded", "init_paper", "vgg"]
+__all__ = ["AlexNet", "alexnet", "alexnet_small", "build_model", "build_seeded", "init_kaiming", "init_paper", "vgg"]
 
 
 def build_model(cfg, num_classes: int, in_channels: int, seed: int):
@@ -56,18 +56,20 @@ def build_model(cfg, num_classes: int, in_channels: int, seed: int):
 
 
 def _alexnet_init(cfg):
-    """``model.init``: torchvision's (what construction leaves) or the AlexNet paper's, drawn right
+    """``model.init``: torchvision's (what construction leaves), the AlexNet paper's or He's, drawn right
     after construction inside ``build_seeded``, so it too depends on the seed alone."""
     from hybridpar.errors import ConfigError
 
     init = cfg.get("init", "torchvision")
     if init not in INITS:
         raise ConfigError(f"model.init={init!r} is not one of {', '.join(INITS)}")
+    # The small model's default (kaiming) is simply replaced by init_from's weights; paper is only ever
+    # asked for on purpose, so asking for it and for other weights at once is a mistake worth a line.
     if init == "paper" and cfg.get("init_from"):
         raise ConfigError(
-            f"model.init=paper and model.init_from={cfg.init_from} together: the state_dict replaces every weight the init draws"
+            f"model.init={init} and model.init_from={cfg.init_from} together: the state_dict replaces every weight the init draws"
         )
-    return init_paper if init == "paper" else (lambda model: model)
+    return {"paper": init_paper, "kaiming": init_kaiming}.get(init, lambda model: model)
 
 
 def from_torchvision(cfg, num_classes: int, in_channels: int):

@@ -20,7 +20,7 @@ WIDTHS: Mapping[str, tuple[int, ...]] = {
     "torchvision": (64, 192, 384, 256, 256),
     "paper": (64, 192, 384, 384, 256),
 }
-INITS = ("torchvision", "paper")
+INITS = ("torchvision", "paper", "kaiming")
 
 
 class AlexNet(nn.Module):
@@ -106,6 +106,22 @@ def alexnet_small(
         pool_size=pool_size,
         stem="small",
     )
+
+
+def init_kaiming(model: AlexNet) -> AlexNet:
+    """He et al.'s initialisation for ReLU networks, in place, from torch's generator: every weight from
+    N(0, 2 / fan_in), biases 0, the last FC layer N(0, 1 / fan_in) (no ReLU after it).
+
+    torchvision's default (uniform, a = √5) has each layer pass on about a third of its input's variance,
+    so after AlexNet's eight layers the logits start near zero, the gradients are as small, and a short
+    run spends its first epochs at chance; with variance kept layer to layer it learns from the first step."""
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for m in convs + fcs:
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu" if m is not fcs[-1] else "linear")
+            m.bias.zero_()
+    return model
 
 
 def init_paper(model: AlexNet) -> AlexNet:

@@ -30,6 +30,45 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def adopt_scheduler_env() -> str | None:
+    """Under a scheduler that starts one process per worker itself (Slurm's ``srun``, or submitit, which
+    Hydra's submitit launcher uses), set the variables torch's ``env://`` reads — ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` — from the scheduler's, so the run
+    starts as it does under torchrun. Returns which scheduler was adopted (None: torchrun or none)."""
+    if under_torchrun():
+        return None
+    if os.environ.get("SUBMITIT_EXECUTOR"):  # submitit sets it in every task it starts, Slurm or local
+        import submitit
+
+        # CUDA_VISIBLE_DEVICES left as it is: run_workers picks cuda:LOCAL_RANK among all visible GPUs.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return "submitit"
+    env = os.environ
+    if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # a task of an srun job step
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+        env.update(
+            RANK=env["SLURM_PROCID"],
+            WORLD_SIZE=env["SLURM_NTASKS"],
+            LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+            LOCAL_WORLD_SIZE=per_node.split("(")[0].split(",")[0],
+        )
+        # A batch script may export its own; otherwise the job's first host, and one port per job, the same
+        # in every task, so that two jobs sharing a node do not collide.
+        env.setdefault("MASTER_ADDR", _first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return "slurm"
+    return None
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[03-05,07],cpu1`` -> ``gpu03``."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
+    if "[" not in head:
+        return head
+    prefix, ranges = head.rstrip("]").split("[", 1)
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
 def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -62,12 +62,15 @@ def _summary_text(s: dict) -> str:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 @record
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """One run; returns its held-out top-1 on worker 0 (None elsewhere): the objective a Hydra sweeper
+    such as Optuna's maximises."""
     import time
 
     from hybridpar.trainer import train, validate
 
     t0 = time.perf_counter()
+    runtime.adopt_scheduler_env()  # srun / submitit tasks: each process one worker, as under torchrun
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     rank0 = runtime.env_rank() == 0
     _logging(run_dir, rank0)
@@ -101,6 +104,8 @@ def main(cfg: DictConfig) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         print(_summary_text(summary), flush=True)
         print(f"run directory: {run_dir}", flush=True)
+        return summary["val_top1"]
+    return None
 
 
 def cli() -> None:

@@ -261,8 +261,9 @@ def test_missing_dali_is_a_one_line_error(flat, monkeypatch):
 @pytest.mark.timeout(240)
 def test_the_app_trains_the_same_run_with_either_loader(tmp_path):
     """``data.loader=dali`` end to end (two emulated workers, the paper's augmentation, dropout off): the same
-    examples at the same steps as ``data.loader=torch``, so the two runs' losses agree to the grey level
-    that separates their pixels, while any other order or augmentation would not."""
+    examples at the same steps as ``data.loader=torch``: every step's loss agrees to within 1% (the grey level
+    that separates their pixels), while the losses of different batches differ by far more, so another
+    order would not pass."""
     import json
     import os
 
@@ -270,7 +271,7 @@ def test_the_app_trains_the_same_run_with_either_loader(tmp_path):
 
     _write(tmp_path / "data" / "train", 8, _colour, textured=True)
     _write(tmp_path / "data" / "val", 3, _colour, textured=True)
-    summaries = {}
+    summaries, losses = {}, {}
     for loader in ("torch", "dali"):
         run_dir = tmp_path / loader
         proc = run_cmd(
@@ -287,9 +288,12 @@ def test_the_app_trains_the_same_run_with_either_loader(tmp_path):
                 "data.batch_size=4",
                 "model=alexnet_small",
                 "model.dropout=0.0",
+                # A small rate: each step's loss is the (nearly untrained) model's on that step's batch, so the
+                # comparison sees the order and the pixels, not two trajectories drifting apart.
+                "optim.lr=0.0001",
                 "parallel.emulate=2",
                 "trainer.max_steps=6",
-                "trainer.log_every_steps=6",
+                "trainer.log_every_steps=1",
                 "logger=none",
                 "trainer.progress=false",
                 f"hydra.run.dir={run_dir}",
@@ -299,8 +303,13 @@ def test_the_app_trains_the_same_run_with_either_loader(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         summaries[loader] = json.loads((run_dir / "summary.json").read_text())
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[loader] = [r["train/loss"] for r in records if "train/loss" in r]
     a, b = summaries["torch"], summaries["dali"]
-    assert a["steps"] == b["steps"] == 6
-    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3), (a["train_loss"], b["train_loss"])
-    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=2e-3)
-    assert b["data_s_per_step"] >= 0 and b["unreadable_train_images"] == 0
+    assert a["steps"] == b["steps"] == 6 and len(losses["torch"]) == len(losses["dali"]) == 6
+    for step, (x, y) in enumerate(zip(losses["torch"], losses["dali"], strict=True), 1):
+        assert y == pytest.approx(x, rel=1e-2), (step, losses)
+    spread = max(abs(x - y) / x for x in losses["torch"] for y in losses["torch"])
+    assert spread > 0.05, losses  # one step's batch is not another's: order shows at this tolerance
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-2)
+    assert b["unreadable_train_images"] == 0

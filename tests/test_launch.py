@@ -215,6 +215,11 @@ def test_a_frozen_node_is_dropped_in_seconds_and_a_replacement_grows_the_run_bac
     exact = ["trainer.max_steps=24", "checkpoint.every_steps=4", "checkpoint.keep_last=null"]
     exact += ["data.global_batch=24", "model.dropout=0.0", "trainer.deterministic=true", "logger=none"]
     exact += ["trainer.progress=false", "trainer.log_every_steps=1"]
+    # fp32 across world sizes agrees to rounding only while rounding does not snowball: at the default
+    # recipe's warm-up rates a one-ulp difference can flip a ReLU or a max-pool choice by step ~20 and
+    # grow to 1e-3 (measured: the same K 2 -> 1 resume, in one process, with and without warm-up).
+    # The torchvision init at a constant rate keeps this 24-step run in the regime where it does not.
+    exact += ["model.init=torchvision", "optim.schedule=constant", "optim.warmup_steps=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYBRIDPAR_FAULT", None)
     ref = run_cmd(
@@ -244,4 +249,4 @@ def test_a_frozen_node_is_dropped_in_seconds_and_a_replacement_grows_the_run_bac
     a = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "ref" / "checkpoints")[0])
     b = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "run" / "checkpoints")[0])
     for n in a:
-        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")

@@ -29,7 +29,6 @@ class Meter:
     comm_s: list[float] = field(default_factory=list)
     comm_bytes: list[int] = field(default_factory=list)
     train_s: float = 0.0
-    wait_s: float = 0.0
     images: int = 0
     loss_sum: float = 0.0
     loss_n: int = 0
@@ -41,7 +40,6 @@ class Meter:
         self.comm_s.append(comm_s)
         self.comm_bytes.append(comm_bytes)
         self.train_s += seconds
-        self.wait_s += data_s
         self.images += images
         if math.isfinite(loss):  # a skipped non-finite step adds no loss
             self.loss_sum += loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -62,11 +63,8 @@ def adopt_scheduler_env() -> str | None:
 
 def _first_host(nodelist: str) -> str:
     """The first host of a Slurm node list: ``gpu[03-05,07],cpu1`` -> ``gpu03``."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
-    if "[" not in head:
-        return head
-    prefix, ranges = head.rstrip("]").split("[", 1)
-    return prefix + ranges.split(",")[0].split("-")[0]
+    prefix, first_index = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist).groups()
+    return prefix + (first_index or "")
 
 
 def env_rank() -> int:

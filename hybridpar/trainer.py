@@ -636,7 +636,7 @@ def _summary(run: _Run, start, meter: Meter, steps: int, unreadable: int) -> dic
         "local_batch": s.local_batch,
         "global_batch": s.local_batch * K,
         # End to end (waiting for data included); the step's own rate beside it: the gap is the loader's.
-        "images_per_s": meter.images / (meter.train_s + meter.wait_s) if meter.train_s else 0.0,
+        "images_per_s": meter.images / (meter.train_s + sum(meter.data_s)) if meter.train_s else 0.0,
         "step_images_per_s": meter.images / meter.train_s if meter.train_s else 0.0,
         "data_s_per_step": meter.median("data_s"),
         "step_s": meter.median("step_s"),

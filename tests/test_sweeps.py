@@ -28,8 +28,13 @@ def _env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
-def _jobs(root: Path) -> list[Path]:
-    sweeps = list((root / "multirun").iterdir())
+def _sweep(tmp_path: Path, *overrides: str) -> list[Path]:
+    """Run ``hybridpar.train -m`` with ``overrides`` (short runs); its job directories, in job order."""
+    proc = run_cmd(
+        [*TRAIN, "-m", *overrides, *SHORT, f"output_root={tmp_path}/runs"], cwd=tmp_path, env=_env(), timeout=280
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    sweeps = list((tmp_path / "runs" / "multirun").iterdir())
     assert len(sweeps) == 1, sweeps
     return sorted((p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
@@ -37,23 +42,13 @@ def _jobs(root: Path) -> list[Path]:
 @pytest.mark.timeout(300)
 def test_a_submitit_sweep_runs_each_point_as_one_job_of_two_worker_tasks(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[sweeps]'")
-    proc = run_cmd(
-        [
-            *TRAIN,
-            "-m",
-            "hydra/launcher=submitit_local",
-            "hydra.launcher.tasks_per_node=2",
-            "hydra.launcher.timeout_min=4",
-            "optim.lr=0.01,0.02",
-            *SHORT,
-            f"output_root={tmp_path}/runs",
-        ],
-        cwd=tmp_path,
-        env=_env(),
-        timeout=280,
+    jobs = _sweep(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.timeout_min=4",
+        "optim.lr=0.01,0.02",
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    jobs = _jobs(tmp_path / "runs")
     assert [p.name for p in jobs] == ["0", "1"]
     for job, lr in zip(jobs, (0.01, 0.02), strict=True):
         summary = json.loads((job / "summary.json").read_text())
@@ -137,27 +132,17 @@ def test_two_processes_started_as_srun_starts_them_train_as_two_workers(tmp_path
 @pytest.mark.timeout(300)
 def test_an_optuna_sweep_of_three_trials_maximises_held_out_top1(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweeps]'")
-    proc = run_cmd(
-        [
-            *TRAIN,
-            "-m",
-            "hydra/sweeper=optuna",
-            "hydra.sweeper.n_trials=3",
-            "hydra.sweeper.direction=maximize",
-            "hydra.sweeper.sampler.seed=0",
-            "optim.lr=tag(log, interval(0.001, 0.1))",
-            "optim.weight_decay=interval(0, 0.001)",
-            "parallel.emulate=2",
-            *SHORT,
-            "logger=none",
-            f"output_root={tmp_path}/runs",
-        ],
-        cwd=tmp_path,
-        env=_env(),
-        timeout=280,
+    jobs = _sweep(
+        tmp_path,
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.sampler.seed=0",
+        "optim.lr=tag(log, interval(0.001, 0.1))",
+        "optim.weight_decay=interval(0, 0.001)",
+        "parallel.emulate=2",
+        "logger=none",
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    jobs = _jobs(tmp_path / "runs")
     assert [p.name for p in jobs] == ["0", "1", "2"]
     trials = []
     for job in jobs:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, de
 
 from hybridpar.data.bundle import DataError, check_int
 from hybridpar.data.imagenet import ImageFiles, Loaded, report_unreadable
-from hybridpar.data.synthetic import SyntheticImages, SyntheticLoader, synthetic_eval_batches
+from hybridpar.data.synthetic import SyntheticImages, SyntheticLoader, synthetic_eval_rows
 
 LOADERS = ("torch", "dali")
 
@@ -182,10 +182,6 @@ def train_loader(
             f"the training set has {len(dataset)} examples, fewer than one global batch "
             f"(world_size={world_size} x local_batch={local_batch} = {global_batch})"
         )
-    if isinstance(dataset, SyntheticImages):  # already on the device: no loader at all
-        return SyntheticLoader(
-            dataset, local_batch=local_batch, rank=rank, world_size=world_size, seed=seed, device=device
-        )
     if _dali(loader, dataset):
         from hybridpar.data.dali import dali_train_loader
 
@@ -196,6 +192,8 @@ def train_loader(
     sampler = _Sampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True, keyed=keyed
     )
+    if isinstance(dataset, SyntheticImages):  # already on the device: no DataLoader at all
+        return SyntheticLoader(dataset, sampler, local_batch=local_batch, device=device)
     # Seeds the worker processes' global generators (any global-RNG transform), reproducibly per (seed, rank).
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     return _TrainLoader(
@@ -243,7 +241,8 @@ def eval_batches(
     if n == 0:
         raise DataError("the held-out set is empty; nothing to evaluate")
     if isinstance(dataset, SyntheticImages):
-        return synthetic_eval_batches(dataset, local_batch=local_batch, rank=rank, world_size=world_size, device=device)
+        rows = synthetic_eval_rows(dataset, local_batch=local_batch, rank=rank, world_size=world_size, device=device)
+        return _padded(rows, dataset, local_batch, eval_steps(n, local_batch, world_size))
     if _dali(loader, dataset):
         from hybridpar.data.dali import dali_eval_batches
 

@@ -14,7 +14,6 @@ shows a falling loss and a throughput, not a model worth keeping.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -87,49 +86,35 @@ def build_synthetic(cfg: Mapping[str, Any]) -> DataBundle:
 
 
 class SyntheticLoader:
-    """``train_loader``'s interface over a device pool: ``start_epoch``, iteration, ``skipped`` (always 0)."""
+    """``train_loader``'s interface over a device pool: ``start_epoch``, iteration, ``skipped`` (always 0).
+    The order is the torch loader's own sampler's (``sampler``), so both split an epoch the same way."""
 
     skipped = 0
 
-    def __init__(self, dataset: SyntheticImages, *, local_batch: int, rank: int, world_size: int, seed: int, device):
-        self.dataset, self.batch_size, self.rank, self.world_size = dataset, local_batch, rank, world_size
-        self.seed, self.device = seed, torch.device(device)
-        self.epoch, self.start = 0, 0
-        self.images, self.labels = dataset.pool(self.device)
-        self.num_samples = len(dataset) // (world_size * local_batch) * local_batch  # drop_last, as the sampler
+    def __init__(self, dataset: SyntheticImages, sampler, *, local_batch: int, device):
+        self.sampler, self.batch_size = sampler, local_batch
+        self.images, self.labels = dataset.pool(torch.device(device))
 
     def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.start = epoch, skip_batches
-
-    def indices(self) -> Tensor:
-        """This worker's examples of the epoch, in order: ``DistributedSampler``'s (shuffle, drop_last)."""
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g)
-        return order[: self.num_samples * self.world_size][self.rank :: self.world_size]
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = skip_batches * self.batch_size
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size - self.start
+        return len(self.sampler) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        mine, b = self.indices().to(self.device), self.batch_size
-        for j in range(self.start, self.num_samples // b):
+        mine, b = torch.tensor(list(self.sampler), device=self.images.device), self.batch_size
+        for j in range(len(mine) // b):
             idx = mine[j * b : (j + 1) * b]
             yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
 
-def synthetic_eval_batches(
+def synthetic_eval_rows(
     dataset: SyntheticImages, *, local_batch: int, rank: int, world_size: int, device
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """``eval_batches``' ``(x, y, valid)`` over examples ``rank, rank+W, ...`` of the pool on ``device``,
-    every worker the same number of batches, padding rows marked invalid."""
+    """``(x, y, substituted)`` rows of examples ``rank, rank+W, ...`` of the pool on ``device``, in batches of
+    ``local_batch`` (the last one short); ``eval_batches`` pads them as it pads every dataset's."""
     images, labels = dataset.pool(torch.device(device))
-    n = len(dataset)
-    steps = math.ceil(math.ceil(n / world_size) / local_batch)
-    mine = torch.arange(rank, n, world_size, device=images.device)
-    for j in range(steps):
-        idx = mine[j * local_batch : (j + 1) * local_batch]
-        k = len(idx)
-        x = images.new_zeros((local_batch, *images.shape[1:]))
-        y = labels.new_zeros(local_batch)
-        x[:k], y[:k] = images.index_select(0, idx), labels.index_select(0, idx)
-        yield x, y, torch.arange(local_batch, device=images.device) < k
+    mine = torch.arange(rank, len(dataset), world_size, device=images.device)
+    for idx in mine.split(local_batch):
+        yield images.index_select(0, idx), labels.index_select(0, idx), torch.zeros(len(idx), dtype=torch.bool)

@@ -108,6 +108,14 @@ def alexnet_small(
     )
 
 
+def _weighted_layers(model: AlexNet) -> tuple[list[nn.Conv2d], list[nn.Linear]]:
+    """The five convolutions and the three FC layers, in order."""
+    return (
+        [m for m in model.features if isinstance(m, nn.Conv2d)],
+        [m for m in model.classifier if isinstance(m, nn.Linear)],
+    )
+
+
 def init_kaiming(model: AlexNet) -> AlexNet:
     """He et al.'s initialisation for ReLU networks, in place, from torch's generator: every weight from
     N(0, 2 / fan_in), biases 0, the last FC layer N(0, 1 / fan_in) (no ReLU after it).
@@ -115,8 +123,7 @@ def init_kaiming(model: AlexNet) -> AlexNet:
     torchvision's default (uniform, a = √5) has each layer pass on about a third of its input's variance,
     so after AlexNet's eight layers the logits start near zero, the gradients are as small, and a short
     run spends its first epochs at chance; with variance kept layer to layer it learns from the first step."""
-    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-    fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    convs, fcs = _weighted_layers(model)
     with torch.no_grad():
         for m in convs + fcs:
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu" if m is not fcs[-1] else "linear")
@@ -128,8 +135,7 @@ def init_paper(model: AlexNet) -> AlexNet:
     """The AlexNet paper's initialisation (Krizhevsky et al., 2012), in place, from torch's
     generator: every weight from N(0, 0.01²); biases 1 in conv2, conv4, conv5 and the two hidden FC
     layers, so their ReLUs start with positive inputs, and 0 in conv1, conv3 and the last FC."""
-    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-    fcs = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    convs, fcs = _weighted_layers(model)
     ones = {convs[1], convs[3], convs[4], fcs[0], fcs[1]}
     with torch.no_grad():
         for m in convs + fcs:

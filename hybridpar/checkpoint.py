@@ -123,7 +123,7 @@ def _worker_payload(
     # other groups hold copies of the same shards).
     first_group = not isinstance(model, HybridModel) or model.replicas is None or model.replicas.rank == 0
     keep = lambda n: (n in specs and first_group) or (n not in specs and rank == 0)
-    host = snapshot.copy if snapshot is not None else lambda _, t: t.detach().cpu().contiguous()
+    host = snapshot.copy if snapshot is not None else lambda _, t: _row_major(t.detach().cpu())
     tensors = {f"model/{n}": host(f"model/{n}", t) for n, t in plain.state_dict().items() if keep(n)}
     for p, st in optimizer.state.items():
         buf = st.get("momentum_buffer")
@@ -136,6 +136,18 @@ def _worker_payload(
         rng["cuda"] = torch.cuda.get_rng_state()
     rng |= {f"dropout/{k}": g.get_state() for k, g in _dropout_generators(model, _device(plain)).items()}
     return {"tensors": tensors, "rng": rng, "lr": [g["lr"] for g in optimizer.param_groups]}
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its strides are plain row-major ones, else a row-major copy. ``contiguous()``
+    is not enough: a channels_last tensor with a size-1 dimension (a 1-channel stem's weight) counts
+    as contiguous with other strides, and torch.save writes the strides — the file would depend on
+    the memory format the run trained in (and differ from :class:`HostBuffers`' copy)."""
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= n
+    return t if t.stride() == tuple(reversed(strides)) else t.clone(memory_format=torch.contiguous_format)
 
 
 class HostBuffers:
@@ -154,7 +166,7 @@ class HostBuffers:
 
     def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """``t``'s values in this worker's buffer for ``key``: contiguous, on the host, the same
-        dtype and shape as the blocking path's ``t.cpu().contiguous()`` (so both write the same
+        dtype, shape and strides as the blocking path's :func:`_row_major` (so both write the same
         bytes)."""
         t = t.detach()
         buf = self._buffers.get(key)

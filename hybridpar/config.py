@@ -178,14 +178,14 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 6
+    epochs: int = 8
     max_steps: int | None = None
     eval_every_steps: int | None = None
     log_every_steps: int = 10
     precision: str = "fp32"  # fp32 | bf16
     deterministic: bool = False
     skip_nonfinite: bool = False
-    channels_last: bool = False
+    channels_last: Any = "auto"  # true | false | auto: on for every model but model=custom (see conf/trainer)
     compile: bool = False
     cudnn_benchmark: bool = True
     progress: bool = True

@@ -37,7 +37,7 @@ def _train(run_dir, *overrides, K=2):
 
 @pytest.mark.timeout(300)
 def test_channels_last_trains_the_same_weights(tmp_path):
-    plain = _train(tmp_path / "plain")
+    plain = _train(tmp_path / "plain", "trainer.channels_last=false")
     fast = _train(tmp_path / "cl", "trainer.channels_last=true")
     for n in plain:
         torch.testing.assert_close(fast[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)
@@ -72,6 +72,44 @@ def test_the_fast_path_is_applied_to_the_trunk():
     assert model.features._compiled_call_impl is not None and model.classifier._compiled_call_impl is None
     assert _inputs(torch.randn(2, 3, 8, 8), torch.device("cpu"), cfg).is_contiguous(memory_format=torch.channels_last)
     plain = alexnet_small(10, 0.0, in_channels=3, channels=(8, 16, 24, 16, 16), hidden=32)
-    _fast_path(OmegaConf.create({"trainer": TrainerConfig()}), plain, ["features", "avgpool"], torch.device("cpu"))
+    _fast_path(
+        OmegaConf.create({"trainer": TrainerConfig(channels_last=False)}),
+        plain,
+        ["features", "avgpool"],
+        torch.device("cpu"),
+    )
     assert not plain.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.features._compiled_call_impl is None
+
+
+def test_channels_last_is_on_by_default_except_for_a_users_model():
+    """``auto``: the built-in and torchvision models (they flatten with torch.flatten) train in
+    channels_last; a user's model, whose forward may ``.view()`` a conv output, does not (that
+    model trains from the command line in tests/test_hybridize.py); true/false force it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from hybridpar import config
+    from hybridpar.errors import ConfigError
+    from hybridpar.trainer import channels_last, validate
+
+    config.register()
+    root = os.path.join(os.path.dirname(__file__), "..", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(root), version_base=None):
+        cfgs = {
+            o: compose("train", overrides=list(o))
+            for o in [
+                (),
+                ("model=vgg11",),
+                ("model=torchvision",),
+                ("model=custom", "model.target=tests.user_models:TinyNet"),
+                ("model=custom", "model.target=tests.user_models:TinyNet", "trainer.channels_last=true"),
+                ("trainer.channels_last=false",),
+            ]
+        }
+    assert [channels_last(c) for c in cfgs.values()] == [True, True, True, False, True, False]
+    bad = cfgs[()]
+    with open_dict(bad):
+        bad.trainer.channels_last = "maybe"
+    with pytest.raises(ConfigError, match="trainer.channels_last must be true, false or auto, got 'maybe'"):
+        validate(bad)

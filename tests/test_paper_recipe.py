@@ -191,7 +191,7 @@ def test_imagenet_brings_the_papers_recipe():
     assert (o.plateau.metric, o.plateau.factor, o.plateau.max_drops) == ("top1_error", 0.1, 3)
     # Other data keep the short default, and the command line still picks another schedule.
     default = _compose()
-    assert (default.trainer.epochs, default.optim.schedule, default.optim.warmup_steps) == (6, "cosine", 60)
+    assert (default.trainer.epochs, default.optim.schedule, default.optim.warmup_steps) == (8, "cosine", 60)
     assert (default.model.init, default.model.dropout) == ("kaiming", 0.2)  # the small model's quick recipe
     mine = _compose("data=imagenet", "data.root=/x", "optim=sgd", "trainer.epochs=3")
     assert (mine.trainer.epochs, mine.optim.plateau.metric) == (3, "loss")

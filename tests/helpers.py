@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tempfile
 import time
 import traceback
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -89,3 +91,30 @@ def run_cmd(cmd, *, cwd=None, env=None, timeout: float = 240):
         out, err = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def cli_in_process(tmp_path, argv: list[str], monkeypatch) -> int | str | None:
+    """Run ``hybridpar.train.cli`` with ``argv`` here; its exit code. Hydra's global state and the
+    'hybridpar' logger the run configures are put back afterwards."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hybridpar import train
+
+    logger = logging.getLogger("hybridpar")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["hybridpar.train", *argv])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    try:
+        with pytest.raises(SystemExit) as info:
+            train.cli()
+    finally:
+        GlobalHydra.instance().clear()
+        for handler in logger.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    return info.value.code

@@ -331,7 +331,9 @@ def _silent_peer(rank: int, store: str, out: str) -> None:
     )
     comm = DistCommunicator()
     if rank == 1:
-        time.sleep(12)  # alive, connected, but never joins the collective
+        deadline = time.monotonic() + 12  # alive, connected, but never joins the collective: until
+        while not Path(out).exists() and time.monotonic() < deadline:  # worker 0 has its error
+            time.sleep(0.05)
     else:
         t0 = time.monotonic()
         try:

@@ -18,7 +18,7 @@ from hybridpar.comm import run_emulated
 from hybridpar.errors import ShardingError
 from hybridpar.models import build_seeded, vgg
 from hybridpar.verify import Case, compare, hybrid_worker, reference
-from tests.helpers import results, run_gloo
+from tests.helpers import cli_in_process, results, run_gloo
 from tests.user_models import BareFc, BatchMixer, FunctionalHead, SkipAcross, TiedHead, TinyNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,12 +157,6 @@ def test_vgg_and_custom_models_train_from_the_command_line(tmp_path):
     )
     assert user.returncode == 0, user.stderr[-2000:]
     assert "features" not in (tmp_path / "u" / "summary.json").read_text()  # sanity: the run wrote its summary
-    bad = _train(
-        "model=custom", "model.target=tests.user_models:NoSuchNet", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path
-    )
-    assert bad.returncode == 2 and bad.stderr.strip().startswith(
-        "hybridpar: error: model.target=tests.user_models:NoSuchNet: cannot import it"
-    )
     tv = _train(
         "model=torchvision",
         "model.arch=resnet18",
@@ -178,13 +172,31 @@ def test_vgg_and_custom_models_train_from_the_command_line(tmp_path):
     )
     assert tv.returncode == 0, tv.stderr[-2000:]
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["steps"] == 3
-    bad_arch = _train(
-        "model=torchvision", "model.arch=resnet7", "data=fake", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path
-    )
-    assert (
-        bad_arch.returncode == 2 and "model.arch='resnet7' is not a torchvision classification model" in bad_arch.stderr
-    )
-    mixer = _train(
-        "model=custom", "model.target=tests.user_models:BatchMixer", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path
-    )
-    assert mixer.returncode == 2 and "reduces over the batch dimension" in mixer.stderr, mixer.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model=custom", "model.target=tests.user_models:NoSuchNet"],
+            "model.target=tests.user_models:NoSuchNet: cannot import it",
+        ),
+        (
+            ["model=torchvision", "model.arch=resnet7", "data=fake"],
+            "model.arch='resnet7' is not a torchvision classification model",
+        ),
+        (["model=custom", "model.target=tests.user_models:BatchMixer"], "reduces over the batch dimension"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
+def test_models_the_command_line_cannot_build_or_split_are_one_error_line(
+    tmp_path, overrides, message, capsys, monkeypatch
+):
+    """The command line's own entry point, in this process: exit 2 and one line naming the cause."""
+    argv = ["parallel.emulate=2", "logger=none", "trainer.progress=false", *overrides, f"output_root={tmp_path}/runs"]
+    code = cli_in_process(tmp_path, argv, monkeypatch)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("hybridpar: error: "), (code, err[-2000:])
+    assert message in lines[0]

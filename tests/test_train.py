@@ -16,7 +16,7 @@ import torch
 from hybridpar.models import alexnet_small
 from hybridpar.parallel.cost import hybrid_step_bytes
 from hybridpar.parallel.head import choose_styles
-from tests.helpers import run_cmd
+from tests.helpers import cli_in_process, run_cmd
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TRAIN = ["-m", "hybridpar.train"]
@@ -172,7 +172,7 @@ BAD = [
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 def test_bad_input_gives_one_error_line(tmp_path, overrides, message, capsys, monkeypatch):
     """The command line's own entry point (``cli``), called in this process: exit 2, one line on stderr."""
-    code = _cli_in_process(tmp_path, [*overrides, "logger=none", f"output_root={tmp_path}/runs"], monkeypatch)
+    code = cli_in_process(tmp_path, [*overrides, "logger=none", f"output_root={tmp_path}/runs"], monkeypatch)
     out = capsys.readouterr()
     assert code == 2, (code, out.out[-2000:], out.err[-2000:])
     lines = [line for line in out.err.splitlines() if line.strip()]
@@ -194,33 +194,6 @@ def test_bad_input_from_a_fresh_process_is_one_stderr_line(tmp_path, overrides, 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("hybridpar: error: "), proc.stderr
     assert message in lines[0]
-
-
-def _cli_in_process(tmp_path: Path, argv: list[str], monkeypatch) -> int | str | None:
-    """Run ``hybridpar.train.cli`` with ``argv`` here; its exit code. Hydra's global state and the
-    'hybridpar' logger the run configures are put back afterwards."""
-    import logging
-
-    from hydra.core.global_hydra import GlobalHydra
-
-    from hybridpar import train
-
-    logger = logging.getLogger("hybridpar")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["hybridpar.train", *argv])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    try:
-        with pytest.raises(SystemExit) as info:
-            train.cli()
-    finally:
-        GlobalHydra.instance().clear()
-        for handler in logger.handlers:
-            if handler not in saved[0]:
-                handler.close()
-        logger.handlers[:], logger.propagate = saved[0], saved[1]
-        logger.setLevel(saved[2])
-    return info.value.code
 
 
 @pytest.mark.timeout(120)

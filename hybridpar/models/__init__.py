@@ -119,7 +119,8 @@ def custom(cfg, num_classes: int, in_channels: int):
     try:
         factory = get_object(path)
     except Exception as exc:  # noqa: BLE001 - import errors of the user's module, a missing name
-        raise ConfigError(f"model.target={target}: cannot import it ({type(exc).__name__}: {exc})") from None
+        why = " ".join(str(exc).split())  # Hydra's import errors span lines; the error is one line
+        raise ConfigError(f"model.target={target}: cannot import it ({type(exc).__name__}: {why})") from None
     kwargs = dict(cfg.get("kwargs") or {})
     try:
         params = inspect.signature(factory).parameters

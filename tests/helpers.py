@@ -118,3 +118,24 @@ def cli_in_process(tmp_path, argv: list[str], monkeypatch) -> int | str | None:
         logger.handlers[:], logger.propagate = saved[0], saved[1]
         logger.setLevel(saved[2])
     return info.value.code
+
+
+def train_here(run_dir, *overrides: str, K: int = 2, timeout_s: float = 120) -> dict:
+    """The training app's run (logger off, no progress bar) on K emulated workers in this process,
+    without an interpreter to start or the command line around it; rank 0's summary."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from hybridpar import config, trainer
+    from hybridpar.comm import run_emulated
+
+    config.register()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose("train", overrides=["logger=none", "trainer.progress=false", *overrides])
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)  # emulated workers save the process's global stream: the same one for every run
+    return run_emulated(
+        K, lambda comm: trainer.train(comm, torch.device("cpu"), cfg, Path(run_dir)), timeout_s=timeout_s
+    )[0]

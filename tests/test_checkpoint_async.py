@@ -32,7 +32,7 @@ from hydra import compose, initialize_config_dir
 from hybridpar import checkpoint, config, trainer
 from hybridpar.comm import run_emulated
 from hybridpar.preemption import Preempted, StopRequest
-from tests.helpers import run_cmd
+from tests.helpers import run_cmd, train_here
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -49,10 +49,7 @@ def _cfg(*overrides: str):
 
 def _train_here(run_dir: Path, *overrides: str) -> dict:
     """Two emulated workers in this process (so a test can monkeypatch the writer); rank 0's summary."""
-    cfg = _cfg(*overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)  # emulated workers save the process's global stream: the same one for every run
-    return run_emulated(2, lambda comm: trainer.train(comm, torch.device("cpu"), cfg, run_dir), timeout_s=60)[0]
+    return train_here(run_dir, *overrides, timeout_s=60)
 
 
 def _steps(run_dir: Path) -> list[int]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hybridpar import checkpoint
-from tests.helpers import run_cmd
+from tests.helpers import run_cmd, train_here
 
 
 def _train(run_dir, *overrides, K=2):
@@ -37,18 +37,7 @@ def _train(run_dir, *overrides, K=2):
 
 def _train_here(run_dir, *overrides) -> dict[str, torch.Tensor]:
     """``_train``'s run (two emulated workers, 3 steps) in this process: no interpreter to start."""
-    from hydra import compose, initialize_config_dir
-
-    from hybridpar import config, trainer
-    from hybridpar.comm import run_emulated
-
-    config.register()
-    base = ["trainer.max_steps=3", "model.dropout=0.0", "logger=none", "trainer.progress=false"]
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(__file__), "..", "conf"), version_base=None):
-        cfg = compose("train", overrides=[*base, *overrides])
-    run_dir.mkdir(parents=True)
-    torch.manual_seed(0)
-    run_emulated(2, lambda comm: trainer.train(comm, torch.device("cpu"), cfg, run_dir), timeout_s=120)
+    train_here(run_dir, "trainer.max_steps=3", "model.dropout=0.0", *overrides)
     return checkpoint.full_state_dict(checkpoint.latest(run_dir / "checkpoints")[0])
 
 

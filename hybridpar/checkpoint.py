@@ -146,7 +146,7 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     strides, step = [], 1
     for n in reversed(t.shape):
         strides.append(step)
-        step *= n
+        step *= max(n, 1)  # torch's own rule (torch.empty's strides), empty dimensions included
     return t if t.stride() == tuple(reversed(strides)) else t.clone(memory_format=torch.contiguous_format)
 
 

@@ -120,20 +120,29 @@ def cli_in_process(tmp_path, argv: list[str], monkeypatch) -> int | str | None:
     return info.value.code
 
 
+def compose_train(*overrides: str):
+    """``conf/train.yaml`` composed with ``overrides``, as the command line composes it (the typed
+    schema registered)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from hybridpar import config
+
+    config.register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+        return compose("train", overrides=list(overrides))
+
+
 def train_here(run_dir, *overrides: str, K: int = 2, timeout_s: float = 120) -> dict:
     """The training app's run (logger off, no progress bar) on K emulated workers in this process,
     without an interpreter to start or the command line around it; rank 0's summary."""
     from pathlib import Path
 
-    from hydra import compose, initialize_config_dir
-
-    from hybridpar import config, trainer
+    from hybridpar import trainer
     from hybridpar.comm import run_emulated
 
-    config.register()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
-        cfg = compose("train", overrides=["logger=none", "trainer.progress=false", *overrides])
+    cfg = compose_train("logger=none", "trainer.progress=false", *overrides)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)  # emulated workers save the process's global stream: the same one for every run
     return run_emulated(

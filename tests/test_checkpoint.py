@@ -18,7 +18,7 @@ from hybridpar import checkpoint
 from hybridpar.comm import run_emulated
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel
-from tests.helpers import run_cmd, train_here
+from tests.helpers import compose_train, run_cmd, train_here
 
 PY = sys.executable
 TRAIN = [PY, "-m", "hybridpar.train"]
@@ -224,15 +224,9 @@ def test_broken_foreign_and_malicious_checkpoints_are_refused_in_one_line(tmp_pa
 def _resume_error(path: Path, *overrides: str) -> str:
     """The error the training app's resume step raises for ``checkpoint.resume=path`` (two emulated workers,
     the command line's default model with ``overrides``): what ``_error_line`` would show, without a launch."""
-    from hydra import compose, initialize_config_dir
-
-    from hybridpar import config
     from hybridpar.trainer import _resume, setup
-    from tests.test_config import CONF
 
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose("train", overrides=[f"checkpoint.resume={path}", "parallel.emulate=2", *overrides])
+    cfg = compose_train(f"checkpoint.resume={path}", "parallel.emulate=2", *overrides)
 
     def resume(comm):
         _resume(comm, cfg, path, setup(comm, torch.device("cpu"), cfg), schedule=None)

@@ -27,24 +27,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from hybridpar import checkpoint, config, trainer
+from hybridpar import checkpoint, trainer
 from hybridpar.comm import run_emulated
 from hybridpar.preemption import Preempted, StopRequest
-from tests.helpers import run_cmd, train_here
+from tests.helpers import compose_train, run_cmd, train_here
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 QUIET = ["logger=none", "trainer.progress=false"]
 RUN = ["trainer.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=null"]
 ASYNC = [*RUN, "checkpoint.async=true"]
-config.register()
 
 
 def _cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose("train", overrides=[*QUIET, *overrides])
+    return compose_train(*QUIET, *overrides)
 
 
 def _train_here(run_dir: Path, *overrides: str) -> dict:

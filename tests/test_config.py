@@ -9,20 +9,15 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from hybridpar import config
 from hybridpar.config import unknown_keys
+from tests.helpers import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 config.register()
-
-
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=list(overrides))
 
 
 def _options(group: str) -> list[str]:
@@ -35,7 +30,7 @@ def _options(group: str) -> list[str]:
 )
 def test_every_preset_composes_onto_its_own_schema(group, option):
     overrides = [f"{group}={option}"] + (["model.target=pkg.module:factory"] if option == "custom" else [])
-    cfg = _compose(*overrides)
+    cfg = compose_train(*overrides)
     node = cfg[group]
     schema = OmegaConf.get_type(node)
     assert dataclasses.is_dataclass(schema) and schema.__module__ == "hybridpar.config", schema
@@ -59,7 +54,7 @@ def test_every_preset_composes_onto_its_own_schema(group, option):
     ],
 )
 def test_single_option_groups_match_their_schema(group, schema):
-    cfg = _compose()
+    cfg = compose_train()
     assert OmegaConf.get_type(cfg[group]) is schema
     assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(OmegaConf.structured(schema))
 
@@ -67,8 +62,8 @@ def test_single_option_groups_match_their_schema(group, schema):
 def test_every_key_the_docs_name_exists():
     """Every key of docs/training.md's config table and every ``group.key`` the README names in
     backticks is a real setting of some option."""
-    composed = [_compose()] + [_compose(f"model={o}") for o in _options("model")]
-    composed += [_compose(f"data={o}") for o in _options("data")]
+    composed = [compose_train()] + [compose_train(f"model={o}") for o in _options("model")]
+    composed += [compose_train(f"data={o}") for o in _options("data")]
     known = {k for c in composed for k in c} | {
         f"{g}.{k}" for c in composed for g in c if OmegaConf.is_dict(c[g]) for k in c[g]
     }
@@ -105,11 +100,11 @@ def test_every_key_the_docs_name_exists():
 )
 def test_a_wrong_type_or_unknown_key_fails_at_composition(overrides, fragment):
     with pytest.raises(Exception) as info:
-        _compose(*overrides)
+        compose_train(*overrides)
     text = f"{info.value} {info.value.__cause__}"
     assert fragment in text, text
 
 
 def test_keys_added_with_plus_are_found():
-    cfg = _compose("+trainer.epoch=3", "+seeds=1", "model=torchvision", "+model.kwargs.aux_logits=false")
+    cfg = compose_train("+trainer.epoch=3", "+seeds=1", "model=torchvision", "+model.kwargs.aux_logits=false")
     assert unknown_keys(cfg) == ["trainer.epoch", "seeds"]  # model.kwargs is free-form

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hybridpar import checkpoint
-from tests.helpers import run_cmd, train_here
+from tests.helpers import compose_train, run_cmd, train_here
 
 
 def _train(run_dir, *overrides, K=2):
@@ -90,27 +90,22 @@ def test_channels_last_is_on_by_default_except_for_a_users_model():
     """``auto``: the built-in and torchvision models (they flatten with torch.flatten) train in
     channels_last; a user's model, whose forward may ``.view()`` a conv output, does not (that
     model trains from the command line in tests/test_hybridize.py); true/false force it."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from hybridpar import config
     from hybridpar.errors import ConfigError
     from hybridpar.trainer import channels_last, validate
 
-    config.register()
-    root = os.path.join(os.path.dirname(__file__), "..", "conf")
-    with initialize_config_dir(config_dir=os.path.abspath(root), version_base=None):
-        cfgs = {
-            o: compose("train", overrides=list(o))
-            for o in [
-                (),
-                ("model=vgg11",),
-                ("model=torchvision",),
-                ("model=custom", "model.target=tests.user_models:TinyNet"),
-                ("model=custom", "model.target=tests.user_models:TinyNet", "trainer.channels_last=true"),
-                ("trainer.channels_last=false",),
-            ]
-        }
+    cfgs = {
+        o: compose_train(*o)
+        for o in [
+            (),
+            ("model=vgg11",),
+            ("model=torchvision",),
+            ("model=custom", "model.target=tests.user_models:TinyNet"),
+            ("model=custom", "model.target=tests.user_models:TinyNet", "trainer.channels_last=true"),
+            ("trainer.channels_last=false",),
+        ]
+    }
     assert [channels_last(c) for c in cfgs.values()] == [True, True, True, False, True, False]
     bad = cfgs[()]
     with open_dict(bad):

@@ -11,27 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from hybridpar import config
 from hybridpar.errors import ConfigError
 from hybridpar.models import alexnet, alexnet_small, build_model, build_seeded
 from hybridpar.optim import Schedule, sgd
 from hybridpar.trainer import _init_from
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-config.register()
+from tests.helpers import compose_train
 
 # The paper's biases: 1 where a ReLU follows and the layer is conv2, conv4, conv5, FC6 or FC7.
 CONV_BIAS = {"features.0": 0.0, "features.3": 1.0, "features.6": 0.0, "features.8": 1.0, "features.10": 1.0}
 FC_BIAS = {"classifier.1": 1.0, "classifier.4": 1.0, "classifier.6": 0.0}
-
-
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("train", overrides=list(overrides))
 
 
 def _model(num_classes: int = 10, seed: int = 0, **keys):
@@ -83,7 +74,7 @@ def test_default_init_is_torchvisions_bit_for_bit():
         for k, v in tv.items():
             assert torch.equal(sd[k], v), k
             assert torch.equal(plain[k], v), k
-    small_cfg = _compose("model=alexnet_small", "model.init=torchvision").model
+    small_cfg = compose_train("model=alexnet_small", "model.init=torchvision").model
     small = build_model(small_cfg, 10, 1, 7).state_dict()
     today = build_seeded(
         lambda: alexnet_small(10, 0.5, in_channels=1, channels=(32, 64, 96, 64, 64), hidden=512, pool_size=3), 7
@@ -95,7 +86,7 @@ def test_default_init_is_torchvisions_bit_for_bit():
 def test_the_small_models_default_init_is_hes():
     """The small model's default: every weight N(0, 2/fan_in) (the last layer, no ReLU after it, 1/fan_in),
     every bias 0 — not torchvision's uniform draws, whose std is √3 times smaller than He's."""
-    model = build_model(_compose().model, 10, 1, 5)
+    model = build_model(compose_train().model, 10, 1, 5)
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     for i, m in enumerate(layers):
         w = m.weight.detach()
@@ -170,19 +161,19 @@ def test_a_combination_that_makes_no_sense_is_refused_in_one_line(keys, fragment
 )
 def test_the_options_exist_only_where_they_mean_something(overrides, fragment):
     with pytest.raises(Exception) as info:
-        _compose(*overrides)
+        compose_train(*overrides)
     assert fragment in f"{info.value} {info.value.__cause__}"
 
 
 def test_presets_name_the_options_with_torchvision_as_default():
-    cfg = _compose("model=alexnet")
+    cfg = compose_train("model=alexnet")
     assert (cfg.model.init, cfg.model.widths) == ("torchvision", "torchvision")
-    assert _compose().model.init == "kaiming"  # the small model: He's init (see the test above)
-    assert _compose("model=alexnet", "model.init=paper", "model.widths=paper").model.widths == "paper"
+    assert compose_train().model.init == "kaiming"  # the small model: He's init (see the test above)
+    assert compose_train("model=alexnet", "model.init=paper", "model.widths=paper").model.widths == "paper"
 
 
 def test_imagenet_brings_the_papers_recipe():
-    cfg = _compose("data=imagenet", "data.root=/x")
+    cfg = compose_train("data=imagenet", "data.root=/x")
     assert cfg.model.name == "alexnet"
     assert cfg.trainer.epochs == 90
     assert cfg.data.batch_size == 128
@@ -190,15 +181,15 @@ def test_imagenet_brings_the_papers_recipe():
     assert (o.lr, o.momentum, o.weight_decay, o.schedule) == (0.01, 0.9, 5e-4, "plateau")
     assert (o.plateau.metric, o.plateau.factor, o.plateau.max_drops) == ("top1_error", 0.1, 3)
     # Other data keep the short default, and the command line still picks another schedule.
-    default = _compose()
+    default = compose_train()
     assert (default.trainer.epochs, default.optim.schedule, default.optim.warmup_steps) == (8, "cosine", 60)
     assert (default.model.init, default.model.dropout) == ("kaiming", 0.2)  # the small model's quick recipe
-    mine = _compose("data=imagenet", "data.root=/x", "optim=sgd", "trainer.epochs=3")
+    mine = compose_train("data=imagenet", "data.root=/x", "optim=sgd", "trainer.epochs=3")
     assert (mine.trainer.epochs, mine.optim.plateau.metric) == (3, "loss")
 
 
 def test_imagenet_schedule_divides_by_ten_on_top1_plateaus_three_times():
-    cfg = _compose("data=imagenet", "data.root=/x")
+    cfg = compose_train("data=imagenet", "data.root=/x")
     weight = nn.Parameter(torch.zeros(1))
     optimizer = sgd([{"name": "all", "params": [weight]}], cfg.optim)
     schedule = Schedule(optimizer, cfg.optim, steps_per_epoch=1, total_steps=10)

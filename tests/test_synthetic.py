@@ -9,17 +9,14 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from hybridpar import config
 from hybridpar.data import build_datasets, eval_batches, train_loader
 from hybridpar.data.synthetic import SyntheticImages
 from hybridpar.errors import ConfigError
 from hybridpar.outputs import Meter
 from hybridpar.trainer import validate
-from tests.helpers import run_cmd
-from tests.test_config import CONF
+from tests.helpers import compose_train, run_cmd
 
 SMALL = {"name": "synthetic", "size": 70, "val_size": 23, "image_size": 12, "num_classes": 5, "seed": 3}
 
@@ -122,9 +119,7 @@ def test_the_data_wait_warning_comes_once_and_only_above_a_tenth_of_the_step():
     ],
 )
 def test_a_loader_that_cannot_serve_the_data_is_refused_before_any_worker_starts(overrides, fragment):
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_train(*overrides)
     with pytest.raises(ConfigError, match=fragment):
         validate(cfg)
 

@@ -37,7 +37,8 @@ from hybridpar.parallel.cost import allreduce_bytes, ddp_step_bytes
 def variant_options(scheme: str, variant: str) -> dict | None:
     """The hybrid's options of a trunk variant: ``bucketed`` | ``pipelined``, with ``+chunk`` (the
     trunk round by round: schemes b, c), ``+mbN`` (scheme a in N micro-batches) and/or ``+bf16``
-    (the trunk's sums in bf16); None where the variant does not apply to ``scheme``."""
+    (the trunk's sums in bf16) and/or ``+inline`` (the head's weight gradients made in its
+    backward, as autograd makes them: ``parallel.defer_wgrad=false``); None where the variant does not apply to ``scheme``."""
     trunk_sync, *flags = variant.split("+")
     micro = next((int(f[2:]) for f in flags if f.startswith("mb")), 1)
     if ("chunk" in flags and scheme == "a") or (micro > 1 and scheme != "a"):
@@ -47,6 +48,7 @@ def variant_options(scheme: str, variant: str) -> dict | None:
         "chunk_trunk": "chunk" in flags,
         "micro_batches": micro,
         "bf16": "bf16" in flags,
+        "defer": "inline" not in flags,
     }
 
 
@@ -63,6 +65,7 @@ def run(
         chunk_trunk=opts["chunk_trunk"],
         micro_batches=opts["micro_batches"],
         trunk_comm_dtype=torch.bfloat16 if opts["bf16"] else None,
+        defer_wgrad=opts["defer"],
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
@@ -232,6 +235,7 @@ def predict(profile, link, scheme: str, variant: str, K: int, b: int) -> costmod
         chunk_trunk=opts["chunk_trunk"],
         micro_batches=opts["micro_batches"],
         grad_itemsize=2 if opts["bf16"] else 4,
+        defer_wgrad=opts["defer"],
     )
 
 

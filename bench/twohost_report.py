@@ -20,7 +20,15 @@ from schemes import predict as predict_hybrid
 from hybridpar import costmodel
 
 DDP_HOOKS = ("", "bf16", "powersgd")  # torch's default all-reduce, bf16_compress_hook, powerSGD_hook
-VARIANTS = ("bucketed", "pipelined", "pipelined+chunk", "pipelined+mb4", "pipelined+mb8", "pipelined+bf16")
+VARIANTS = (
+    "bucketed",
+    "pipelined+inline",
+    "pipelined",
+    "pipelined+chunk",
+    "pipelined+mb4",
+    "pipelined+mb8",
+    "pipelined+bf16",
+)
 
 
 def parse(label: str) -> tuple[str, str]:

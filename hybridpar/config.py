@@ -142,6 +142,7 @@ class ParallelConfig:
     trunk_sync: str = "bucketed"  # bucketed | pipelined
     chunk_trunk: bool = False  # scheme b/c: the trunk runs round by round (features travel while convs run)
     micro_batches: int = 1  # scheme a: m > 1 runs the step in m rounds, the trunk micro-batch by micro-batch
+    defer_wgrad: bool = True  # the head's weight gradients after the trunk's backward, while its sums travel
     emulate: int = 1
     sync_bn: bool = True
     fc_group_size: Any = None  # null | G | auto

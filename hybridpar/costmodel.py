@@ -467,6 +467,7 @@ def step_time(
     chunk_trunk: bool = False,
     micro_batches: int = 1,
     grad_itemsize: int = GRAD_ITEMSIZE,
+    defer_wgrad: bool = False,
 ) -> StepTime:
     """Predicted time of one training step with ``K`` workers, ``b`` images each.
 
@@ -477,7 +478,9 @@ def step_time(
     (``trunk_pipeline.py``); ``chunk_trunk`` (schemes b, c) or ``micro_batches = m`` (scheme a, m
     rounds): the trunk round by round (``rounds.py``); with any of them, the step time is the
     period of consecutive steps. ``grad_itemsize=2``: the trunk's
-    (DDP: all) gradient sums travel in bf16."""
+    (DDP: all) gradient sums travel in bf16. ``defer_wgrad``: the head's weight gradients are
+    computed after the trunk's backward, while its sums travel (``parallel.defer_wgrad``); the
+    backward of a head product then holds only its input gradient, timed as its forward."""
     G = fc_group_size or K
     if K % G:
         raise ValueError(f"fc_group_size {G} must divide the number of workers {K}")
@@ -489,10 +492,12 @@ def step_time(
         tl, sent, done, n_opt = _ddp_step(profile, link, K, b, grad_itemsize)
     elif K > 1 and (trunk_sync == "pipelined" or chunk_trunk or micro_batches > 1):
         step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
+        step.defer = defer_wgrad
         rounds = scheme_rounds(scheme, b, G, micro_batches) if chunk_trunk or micro_batches > 1 else None
         return step.steady(scheme, trunk_sync == "pipelined", rounds, bucket_cap)
     else:
         step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
+        step.defer = defer_wgrad
         tl, sent, done, n_opt = step.run(scheme, bucket_cap)
     for t in done:
         tl.wait(t)
@@ -541,6 +546,7 @@ class _HybridStep:
         self.styles, self.overlap, self.gi = styles, overlap, grad_itemsize  # gi: the trunk's sums
         self.widths = list(profile.head)
         self.tl, self.sent = _Timeline(link.burst_bytes / link.bytes_per_s), 0
+        self.defer, self.deferred = False, 0.0  # deferred: weight-gradient seconds not yet run
 
     def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
         tl, G, K, link = self.tl, self.G, self.K, self.link
@@ -549,12 +555,21 @@ class _HybridStep:
         self.head(scheme)
         shard = head_shard_params(self.widths, self.styles, G, 0)
         fc_sync = []
-        if K > G:  # 2-D: the shard's gradient is summed over the K/G groups, while the trunk's backward runs
-            fc_sync.append(tl.issue(_allreduce_time(link, shard, K // G)))
-            self.sent += allreduce_bytes(shard, K // G, 0, GRAD_ITEMSIZE)
+
+        def sum_shards():  # 2-D: the shard's gradient is summed over the K/G groups
+            if K > G:
+                fc_sync.append(tl.issue(_allreduce_time(link, shard, K // G)))
+                self.sent += allreduce_bytes(shard, K // G, 0, GRAD_ITEMSIZE)
+
+        if not self.defer:
+            sum_shards()  # while the trunk's backward runs
         trunk = self.profile.trunk
         trunk_bwd = [(t, s.params) for t, s in zip(reversed(self.profile.trunk_s(self.b, True)), reversed(trunk))]
-        done = fc_sync + _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, self.overlap, self.gi)
+        done = _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, self.overlap, self.gi)
+        self.run_deferred()
+        if self.defer:
+            sum_shards()  # once the deferred weight gradients exist
+        done += fc_sync
         self.sent += allreduce_bytes(trunk_bucket_numels(self.profile.trunk_params, bucket_cap), K, 0, self.gi)
         return tl, self.sent, done, sum(self.profile.trunk_params) + shard
 
@@ -605,6 +620,7 @@ class _HybridStep:
                 self.trunk_forward(self.b, done, layout)
                 self.head(scheme)
                 issued = self.trunk_backward(self.b, layout, bucket_cap)
+            self.run_deferred()
             if layout is None:
                 for t in issued:  # bucketed: every sum is in before the optimizer
                     tl.wait(t)
@@ -677,7 +693,21 @@ class _HybridStep:
         # The rate goes by rows, not FLOPs: a product of ``rows`` examples with a weight (shard)
         # does ~rows/2 FLOPs per weight byte read whatever the shard's width, so a shard on K·b
         # rows runs like the full layer on K·b rows (roofline), and a round of b/K·K rows slower.
-        self.tl.run((2 * f if backward else f) / self.profile.fc_rate(rows, backward))
+        forward = f / self.profile.fc_rate(rows, False)
+        if not backward:
+            self.tl.run(forward)
+        elif self.defer:
+            # The input gradient reads the weight as the forward does (same time); the weight
+            # gradient, the rest of the backward, runs after the trunk's backward.
+            self.tl.run(forward)
+            self.deferred += max(0.0, 2 * f / self.profile.fc_rate(rows, True) - forward)
+        else:
+            self.tl.run(2 * f / self.profile.fc_rate(rows, True))
+
+    def run_deferred(self) -> None:
+        """The head's deferred weight gradients (the trunk's sums already issued)."""
+        self.tl.run(self.deferred)
+        self.deferred = 0.0
 
     def move(self, op: tuple, betas: Sequence[int], backward: bool) -> float:
         seconds, elements = _move_time(self.link, op[1], op[2], betas, self.profile.itemsize, backward)

@@ -232,6 +232,7 @@ def _hybrid(cfg: DictConfig, full: nn.Module, comm: Communicator, device: torch.
         chunk_trunk=p.chunk_trunk,
         micro_batches=p.micro_batches,
         trunk_powersgd_rank=p.trunk_powersgd_rank,
+        defer_wgrad=p.defer_wgrad,
     ).to(device)
 
 

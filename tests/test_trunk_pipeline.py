@@ -20,10 +20,20 @@ from tests import zoo
 from tests.helpers import results, run_gloo
 
 
-def _train(comm, run: zoo.Run, model, trunk_sync: str, scheme: str, skip: int | None, peek: int | None, overlap: bool):
+def _train(
+    comm,
+    run: zoo.Run,
+    model,
+    trunk_sync: str,
+    scheme: str,
+    skip: int | None,
+    peek: int | None,
+    overlap: bool,
+    defer_wgrad: bool = True,
+):
     # Every worker wraps the same model (built once: the emulated workers are threads sharing
     # torch's global generator); hybridize copies what it keeps.
-    hybrid = hybridize(model, comm, trunk_sync=trunk_sync, overlap=overlap)
+    hybrid = hybridize(model, comm, trunk_sync=trunk_sync, overlap=overlap, defer_wgrad=defer_wgrad)
     opt = torch.optim.SGD(hybrid.parameters(), lr=zoo.LR, momentum=zoo.MOMENTUM, weight_decay=5e-4)
     lo, hi = comm.rank * run.local_batch, (comm.rank + 1) * run.local_batch
     for step, (x, y) in enumerate(run.batches()):
@@ -68,10 +78,12 @@ def test_pipelined_is_bit_identical_to_the_serialised_path(K, scheme):
 
 @pytest.mark.timeout(300)
 def test_pipelined_over_gloo_is_bit_identical():
+    """The serialised path with the head's weight gradients made by autograd against the pipelined
+    one with them deferred (parallel.defer_wgrad, tests/test_defer_wgrad.py): the same bits."""
     run = zoo.Run("resnet18", workers=2, local_batch=2, steps=3, dtype=torch.float32)
     model = run.model()
-    want = results(run_gloo(2, _train, run, model, "bucketed", "a", None, None, False))
-    got = results(run_gloo(2, _train, run, model, "pipelined", "a", None, None, True))
+    want = results(run_gloo(2, _train, run, model, "bucketed", "a", None, None, False, False))
+    got = results(run_gloo(2, _train, run, model, "pipelined", "a", None, None, True, True))
     _identical(got, want)
 
 

@@ -32,7 +32,7 @@ from hybridpar.models.seeded import MODEL_LOCK
 from hybridpar.models.split import split_model
 from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, TrunkSync, allreduce_gradients
 from hybridpar.parallel.head import shard_head
-from hybridpar.parallel.linear import ShardSpec
+from hybridpar.parallel.linear import ColumnParallelLinear, RowParallelLinear, ShardSpec, WeightGrads
 from hybridpar.parallel.powersgd import PowerSGD
 from hybridpar.parallel.program import Move
 from hybridpar.parallel.rounds import loss_input, train_rounds
@@ -65,6 +65,7 @@ class HybridModel(nn.Module):
         chunk_trunk: bool = False,
         micro_batches: int = 1,
         trunk_powersgd_rank: int = 0,
+        defer_wgrad: bool = True,
     ):
         super().__init__()
         K = comm.world_size
@@ -98,6 +99,9 @@ class HybridModel(nn.Module):
                 "trunk_sync=bucketed and trunk_comm_dtype=fp32 (one compression at a time)"
             )
         self.powersgd_rank, self.seed = trunk_powersgd_rank, seed
+        # The head's weight gradients made after the trunk's backward, while its sums travel
+        # (linear.WeightGrads); at K = 1 there is nothing to hide them behind.
+        self.wgrad = WeightGrads() if defer_wgrad and comm.world_size > 1 else None
         with MODEL_LOCK:  # tracing and cutting a model shared by emulated workers: one at a time
             self._build(model, plan, head, seed, bucket_cap, overlap, sync_bn)
             self._trunk_sync(trunk_sync, bucket_cap, partition_cap, overlap)
@@ -131,6 +135,9 @@ class HybridModel(nn.Module):
         for name, b in body.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in body._non_persistent_buffers_set)
         self._head = layers
+        for layer in layers:
+            if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+                layer.wgrad = self.wgrad
         for h, layer in zip(self.split.head, layers):
             if h.name is not None:
                 self.set_submodule(h.name, layer)
@@ -309,10 +316,24 @@ class HybridModel(nn.Module):
         """Finish summing the trunk replicas' gradients (see the module docstring for why SUM).
 
         The buckets' all-reduces were issued during backward, as their gradients became ready.
-        In the 2-D layout the head shards' gradients are then summed over their replicas."""
-        self.trunk_sync.finish()
+        In the 2-D layout the head shards' gradients are then summed over their replicas.
+        Deferred head weight gradients (``defer_wgrad``) are made here, while the trunk's sums
+        travel: after the pipelined sync has issued the rest of its sums, before the bucketed one
+        waits for its buckets (all issued during the backward)."""
+        if self.pipelined:
+            self.trunk_sync.finish()
+            self.head_weight_grads()
+        else:
+            self.head_weight_grads()
+            self.trunk_sync.finish()
         if self.replicas is not None:
             allreduce_gradients(self.head_parameters(), self.replicas, tag="fc_grads")
+
+    def head_weight_grads(self) -> None:
+        """Make the head's deferred weight gradients (``defer_wgrad``; a no-op otherwise): after a
+        backward, before anything reads the head's ``.grad``."""
+        if self.wgrad is not None:
+            self.wgrad.run()
 
     def flush(self) -> None:
         """Apply every trunk update still pending (``trunk_sync=pipelined`` defers each layer's

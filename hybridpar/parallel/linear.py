@@ -7,6 +7,7 @@ re-assembling the shards gives back the original layer.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,93 @@ class ShardSpec:
         return full.narrow(self.dim, sum(self.sizes[:rank]), self.sizes[rank])
 
 
+class WeightGrads:
+    """The head's deferred weight gradients (``parallel.defer_wgrad``).
+
+    A Linear's backward makes two products: the input gradient, which the trunk's backward
+    waits for, and the weight gradient, which only this worker's optimizer step reads (a head
+    shard is never summed with another in the 1-D layout). On the critical path of a step on a
+    slow link — trunk sums in → forward → head → trunk backward → next sums out — the weight
+    gradient is pure delay: on a CPU at b = 16 it is most of the head's backward (it writes a
+    weight-sized tensor for few rows). Deferred, the head's backward makes only the input
+    gradients and keeps (input, output gradient) of each product; :meth:`run` makes the weight
+    gradients once the trunk's sums are on their way, while the link is busy.
+
+    The arithmetic is autograd's: the same product in the same layout, accumulated into
+    ``.grad`` in the order autograd would. Several products of one weight in a step (the rounds
+    of (b)/(c), micro-batches) are one product over their rows stacked — the single device's
+    product over the whole batch, and one pass over the weight-sized output instead of one per round.
+    """
+
+    def __init__(self):
+        self._pending: dict[nn.Parameter, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+
+    def add(self, weight: nn.Parameter, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        self._pending[weight].append((x, grad_out))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def run(self) -> None:
+        """Make every pending weight gradient and add it into its parameter's ``.grad``."""
+        pending, self._pending = self._pending, defaultdict(list)
+        with torch.no_grad():
+            for weight, parts in pending.items():
+                x = parts[0][0] if len(parts) == 1 else torch.cat([xi for xi, _ in parts])
+                g = parts[0][1] if len(parts) == 1 else torch.cat([gi for _, gi in parts])
+                # Autograd's weight gradient of x @ W.t() (W row-major): (g.t() @ x), made in W's layout.
+                gw = g.t().mm(x).to(weight.dtype)
+                if weight.grad is None:
+                    weight.grad = gw
+                else:
+                    weight.grad += gw
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
+class _DeferredLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose backward returns the input's (and bias's) gradient and
+    leaves the weight's to ``queue`` (:class:`WeightGrads`). ``dtype``: the autocast dtype the
+    product runs in (the casts autocast would make, made here)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, queue, dtype):
+        w = weight if dtype is None else weight.to(dtype)
+        xc = x if dtype is None else x.to(dtype)
+        b = bias if bias is None or dtype is None else bias.to(dtype)
+        ctx.save_for_backward(xc, w)
+        ctx.queue, ctx.weight, ctx.x_dtype = queue, weight, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(xc, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        # mm's input gradient as autograd makes it (FunctionsManual mm_mat1_backward): in the
+        # input's layout when the input is column-major.
+        if x.dim() == 2 and x.stride(0) == 1 and x.stride(1) == x.shape[0]:
+            gx = w.mm(g.t()).t()
+        else:
+            gx = g.mm(w)
+        ctx.queue.add(ctx.weight, x, g)
+        gb = None if ctx.bias_dtype is None else g.sum(0).to(ctx.bias_dtype)
+        return gx.to(ctx.x_dtype), None, gb, None, None
+
+
+def linear(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None, queue: WeightGrads | None):
+    """``F.linear``, with the weight's gradient deferred to ``queue`` when one is given and a
+    backward will run (2-D inputs: the head's)."""
+    if queue is None or not torch.is_grad_enabled() or not weight.requires_grad or x.dim() != 2:
+        return F.linear(x, weight, bias)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if dtype is not None and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = None  # autocast leaves float64 alone
+    with torch.autocast(device, enabled=False):
+        return _DeferredLinear.apply(x, weight, bias, queue, dtype)
+
+
 class ColumnParallelLinear(nn.Module):
     """Holds a slice of the output features: input (all examples, all features) ->
     output (all examples, this worker's output slice). No communication inside."""
@@ -46,9 +134,10 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(self.specs["bias"].take(full.bias.detach(), rank).clone())
         else:
             self.register_parameter("bias", None)
+        self.wgrad: WeightGrads | None = None  # set by the model: defer the weight's gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.wgrad)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, out_sizes={list(self.out_sizes)}"
@@ -77,9 +166,10 @@ class RowParallelLinear(nn.Module):
             self._bias_pad = (lo, full.out_features - lo - self.out_sizes[rank])
         else:
             self.register_parameter("bias", None)
+        self.wgrad: WeightGrads | None = None  # set by the model: defer the weight's gradient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, None, self.wgrad)
         if self.bias is not None:
             y = y + F.pad(self.bias, self._bias_pad)
         return y

@@ -174,6 +174,7 @@ class _Rounds:
         rounds still run (their moves are collectives every worker must join) without updating."""
         head = self.model.head_parameters()
         self.finite = self.finite and self.model.world.all_finite(math.isfinite(ce.item()), "round_nonfinite_check")
+        self.model.head_weight_grads()  # deferred ones (defer_wgrad): the update reads them
         if self.finite:
             self.snapshot = self.snapshot or _HeadState(head, self.optimizer)
             self.optimizer.step()  # only the head has gradients yet: the trunk's come after the rounds

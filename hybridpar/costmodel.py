@@ -56,7 +56,7 @@ from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, bucket_sizes
 from hybridpar.parallel.head import choose_styles
 from hybridpar.parallel.program import MOVES, head_layout, scheme_rounds
 from hybridpar.parallel.program import SCHEMES as HYBRID_SCHEMES
-from hybridpar.parallel.trunk_pipeline import PARTITION_ELEMENTS, WINDOW, partitions
+from hybridpar.parallel.trunk_pipeline import PARTITION_ELEMENTS, WINDOW, partitions, schedule
 
 SCHEMES = ("ddp", *HYBRID_SCHEMES)
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
@@ -531,6 +531,7 @@ class _Partitions:
         parts = partitions(profile.trunk_params, PARTITION_ELEMENTS)
         self.sizes = [sum(p.hi - p.lo for p in part) for part in parts]
         self.stage = [stage_of[part[0].param] for part in parts]
+        self.backward, self.held = schedule(parts)  # the code's issue order
         self.spans: list[list[int]] = [[] for _ in profile.trunk]
         for j, part in enumerate(parts):
             for piece in part:
@@ -654,15 +655,16 @@ class _HybridStep:
         if layout is None:
             stages = [(t, s.params) for t, s in zip(reversed(seconds), reversed(trunk))]
             return _backward_with_buckets(tl, link, stages, bucket_cap, K, self.overlap, self.gi)
-        issued, nxt = [0.0] * len(layout.sizes), len(layout.sizes) - 1
+        issued, order, k = [0.0] * len(layout.sizes), layout.backward, 0
         for s in reversed(range(len(trunk))):
             tl.run(seconds[s])
-            # Partition nxt is ready once every stage it spans is through its backward.
-            while nxt >= 0 and layout.stage[nxt] >= s and sum(t > tl.cpu for t in issued) < WINDOW:
-                issued[nxt] = tl.issue(_allreduce_time(link, layout.sizes[nxt], K, self.gi))
-                nxt -= 1
+            # A partition is ready once every stage it spans is through its backward.
+            while k < len(order) and layout.stage[order[k]] >= s and sum(t > tl.cpu for t in issued) < WINDOW:
+                issued[order[k]] = tl.issue(_allreduce_time(link, layout.sizes[order[k]], K, self.gi))
+                k += 1
         tl.cpu += link.time(K - 1, 1, AGREE_ITEMSIZE)  # the agreement, on the idle world group
-        for j in range(nxt + 1):
+        rest = sorted(order[k:]) + ([] if layout.held is None else [layout.held])
+        for j in rest:  # forward order, the held-back deepest partition last
             issued[j] = tl.issue(_allreduce_time(link, layout.sizes[j], K, self.gi))
         return issued
 

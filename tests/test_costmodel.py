@@ -272,6 +272,30 @@ def test_pipelined_trunk_sync_by_hand():
     )
 
 
+def test_deferred_weight_gradients_by_hand():
+    """The pipelined case above with a head whose forward takes 0.5 s and backward 2 s (input
+    gradient 0.5 s, as the forward; weight gradient 1.5 s). Inline: forward 2 + head 2.5, c2's
+    backward ends at 5.5, its sum [5.5, 6.5], c1's [6.5, 7.5] → a period of 7.5 s. Deferred: the
+    head's chain is 1 s, c2's sum [4, 5], c1's [5, 6], the weight gradient [5, 6.5] while c1's sum
+    travels → 6.5 s, its compute (the link no longer shows)."""
+    n = cm.PARTITION_ELEMENTS
+    prof = _toy_profile(
+        trunk=(cm.Stage("c1", 1.0, 1.0, (n,)), cm.Stage("c2", 1.0, 1.0, (n,))),
+        head=((8, 4),),  # column-parallel at K = 2: 2 · 2 rows · 8 · 2 = 64 FLOPs forward
+        fc_rates=((1, 128.0, 64.0),),
+        opt_s_per_param=0.0,
+    )
+    link = cm.Link(0.0, 4 * n)
+    inline = cm.step_time(prof, link, "a", 2, 1, trunk_sync="pipelined")
+    deferred = cm.step_time(prof, link, "a", 2, 1, trunk_sync="pipelined", defer_wgrad=True)
+    assert inline.step_s == pytest.approx(7.5, rel=1e-3)
+    assert deferred.step_s == pytest.approx(6.5, rel=1e-3)
+    assert deferred.compute_s == pytest.approx(inline.compute_s) == pytest.approx(6.5, rel=1e-3)
+    # Bucketed: the weight gradient runs while the buckets travel, before the wait.
+    bucketed = cm.step_time(prof, link, "a", 2, 1, defer_wgrad=True)
+    assert bucketed.step_s < cm.step_time(prof, link, "a", 2, 1).step_s - 1.0
+
+
 @pytest.mark.parametrize("scheme", ["a", "b", "c"])
 def test_pipelined_is_never_slower_than_its_compute_and_is_it_on_a_free_link(scheme):
     prof = _toy_profile()

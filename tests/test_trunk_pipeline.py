@@ -15,7 +15,7 @@ import torch
 from hybridpar import hybridize
 from hybridpar.comm import run_emulated
 from hybridpar.parallel import assemble
-from hybridpar.parallel.trunk_pipeline import _Piece, partitions
+from hybridpar.parallel.trunk_pipeline import _Piece, partitions, schedule
 from tests import zoo
 from tests.helpers import results, run_gloo
 
@@ -157,6 +157,37 @@ def test_partitions_cut_the_flat_gradients_into_equal_pieces():
     assert [(p.param, p.lo, p.hi) for p in parts[0]] == [(0, 0, 10), (1, 0, 5), (2, 0, 20), (3, 0, 5)]
     assert [(p.param, p.lo, p.hi) for p in parts[1]] == [(3, 5, 45)]
     assert partitions([3], cap=40) == [[_Piece(0, 0, 3)]]
+
+
+def test_the_deepest_partition_goes_last_when_that_costs_nothing():
+    """The backward issues deepest first but holds back the deepest partition when the one before
+    it ends in the same parameter (ready at the same moment); the end of the backward sends the rest
+    in forward order, the held one last. Two parameters of one partition each: nothing is held."""
+    parts = partitions([10, 5, 20, 100, 30], cap=40)  # the last parameter spans partitions 3 and 4
+    assert schedule(parts) == ([3, 2, 1, 0], 4)
+    assert schedule(partitions([40, 40], cap=40)) == ([1, 0], None)
+    assert schedule(partitions([7], cap=40)) == ([0], None)
+
+    # The code's own order: the last sum issued in a step is the deepest partition's.
+    run = zoo.Run("resnet18", workers=2, local_batch=2, steps=1, dtype=torch.float32)
+    model = run.model()
+
+    def worker(comm):
+        hybrid = hybridize(model, comm, trunk_sync="pipelined")
+        sync = hybrid.trunk_sync
+        order, issue = [], sync._issue
+        sync._issue = lambda j: (order.append(j), issue(j))
+        opt = torch.optim.SGD(hybrid.parameters(), lr=0.1)
+        x, y = run.batches()[0]
+        hybrid.train_step(x[2 * comm.rank : 2 * comm.rank + 2], y[2 * comm.rank : 2 * comm.rank + 2], optimizer=opt)
+        opt.step()
+        hybrid.flush()
+        return order, len(sync.parts), sync._held
+
+    orders = run_emulated(2, worker)
+    assert orders[0][0] == orders[1][0]  # one sequence on every worker
+    order, n, held = orders[0]
+    assert sorted(order) == list(range(n)) and held == n - 1 and order[-1] == n - 1
 
 
 def test_pipelined_needs_the_optimizer():

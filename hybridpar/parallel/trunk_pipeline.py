@@ -10,7 +10,8 @@ only once the last byte is in. On a slow link that wait is most of the step. Her
   produces them), at most ``window`` in flight so the link is never queued far ahead;
 * at the end of the backward the rest go out in **forward order** — the partition the next
   forward needs first goes first, although the backward made it last (priority-based parameter
-  propagation);
+  propagation); the deepest partition is held back to go last where that costs the link nothing
+  (:func:`schedule`), so the step's last sum gates only the deepest layer's forward;
 * the optimizer step of the trunk is deferred: when the trainer's ``optimizer.step()`` updates the
   head, the step's hyperparameters are kept, and each parameter's update is applied with them
   right before the next forward first uses its module — so the forward of layer l waits for
@@ -71,6 +72,18 @@ def partitions(numels: Sequence[int], cap: int = PARTITION_ELEMENTS) -> list[lis
     return [part for part in out if part]
 
 
+def schedule(parts: Sequence[Sequence[_Piece]]) -> tuple[list[int], int | None]:
+    """The partitions' issue order: ``(backward, held)``. During the backward, partitions go in
+    ``backward`` order (deepest first) as they are ready; at its end the rest go in forward order
+    and ``held`` (if any) last. ``held`` is the deepest partition when the partition before it ends
+    in the same parameter: both are ready at the same moment, so sending the one before first costs
+    the link nothing, and the step's last sum is then the one the next forward needs last (its
+    deepest layer) — not a layer with another after it whose forward would wait on the link."""
+    n = len(parts)
+    held = n - 1 if n >= 2 and parts[-2][-1].param == parts[-1][0].param else None
+    return [j for j in range(n - 1, -1, -1) if j != held], held
+
+
 class PipelinedTrunkSync:
     """One worker's pipelined trunk sync. ``named`` lists the trunk's parameters with their owner
     (the module or attribute name the trunk's graph uses), in forward order; ``comm`` is the
@@ -94,6 +107,7 @@ class PipelinedTrunkSync:
         self.wire = wire  # the dtype the sums travel and are added in (None: the gradients')
         self.armed = True  # False: a backward that only accumulates (a trunk chunk before the last)
         self.parts = partitions([p.numel() for p in self.params], cap)
+        self._backward, self._held = schedule(self.parts)
         self._parts_of: list[list[int]] = [[] for _ in self.params]  # the partitions each parameter spans
         for j, part in enumerate(self.parts):
             for piece in part:
@@ -149,9 +163,8 @@ class PipelinedTrunkSync:
         self._issue_ready()
 
     def _issue_ready(self) -> None:
-        n = len(self.parts)
-        while self._next < n:
-            j = n - 1 - self._next  # the backward order: deepest first
+        while self._next < len(self._backward):
+            j = self._backward[self._next]  # deepest first
             if self._ready[j] < len(self.parts[j]):
                 return
             if sum(1 for h in self._handles if h is not None and not h.ready()) >= self.window:
@@ -179,9 +192,11 @@ class PipelinedTrunkSync:
         n = len(self.parts)
         issued = self.control.max_int(self._next, "trunk_pipeline")
         for k in range(self._next, issued):
-            self._issue(n - 1 - k)
-        for j in range(n - issued):  # the rest, first layers first
+            self._issue(self._backward[k])
+        for j in sorted(self._backward[issued:]):  # the rest, first layers first
             self._issue(j)
+        if self._held is not None:
+            self._issue(self._held)
         self._next, self._pending, self._hparams = 0, True, None
         self._ready = [0] * n
         self._copied = [0] * len(self.params)

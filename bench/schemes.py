@@ -18,6 +18,7 @@ and prints the cost model's prediction next to each measured step (:mod:`hybridp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -37,18 +38,22 @@ from hybridpar.parallel.cost import allreduce_bytes, ddp_step_bytes
 def variant_options(scheme: str, variant: str) -> dict | None:
     """The hybrid's options of a trunk variant: ``bucketed`` | ``pipelined``, with ``+chunk`` (the
     trunk round by round: schemes b, c), ``+mbN`` (scheme a in N micro-batches) and/or ``+bf16``
-    (the trunk's sums in bf16) and/or ``+inline`` (the head's weight gradients made in its
-    backward, as autograd makes them: ``parallel.defer_wgrad=false``); None where the variant does not apply to ``scheme``."""
+    (the trunk's sums in bf16), ``+act16`` (the features and their gradients travel in bf16:
+    ``parallel.comm_dtype=bf16``, lossy) and/or ``+inline`` (the head's weight gradients made in its
+    backward, as autograd makes them: ``parallel.defer_wgrad=false``; these two for scheme a); None where the variant does not apply to ``scheme``."""
     trunk_sync, *flags = variant.split("+")
     micro = next((int(f[2:]) for f in flags if f.startswith("mb")), 1)
     if ("chunk" in flags and scheme == "a") or (micro > 1 and scheme != "a"):
         return None
+    if ("inline" in flags or "act16" in flags) and scheme != "a":
+        return None  # side-by-side rows, measured on the best scheme only (the sweep's time)
     return {
         "trunk_sync": trunk_sync,
         "chunk_trunk": "chunk" in flags,
         "micro_batches": micro,
         "bf16": "bf16" in flags,
         "defer": "inline" not in flags,
+        "act16": "act16" in flags,
     }
 
 
@@ -66,6 +71,7 @@ def run(
         micro_batches=opts["micro_batches"],
         trunk_comm_dtype=torch.bfloat16 if opts["bf16"] else None,
         defer_wgrad=opts["defer"],
+        comm_dtype=torch.bfloat16 if opts["act16"] else None,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
@@ -226,7 +232,7 @@ def predict(profile, link, scheme: str, variant: str, K: int, b: int) -> costmod
     """The cost model's step for a hybrid ``scheme`` with a trunk ``variant``."""
     opts = variant_options(scheme, variant)
     return costmodel.step_time(
-        profile,
+        dataclasses.replace(profile, itemsize=2) if opts["act16"] else profile,
         link,
         scheme,
         K,

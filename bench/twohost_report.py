@@ -28,6 +28,7 @@ VARIANTS = (
     "pipelined+mb4",
     "pipelined+mb8",
     "pipelined+bf16",
+    "pipelined+bf16+act16",
 )
 
 
@@ -45,9 +46,9 @@ def order(label: str) -> tuple:
 
 
 def exact(label: str) -> bool:
-    """Every hybrid variant but bf16 sums is exact (the single device's arithmetic)."""
+    """Every hybrid variant but bf16 sums and bf16 activations is exact (the single device's arithmetic)."""
     scheme, variant = parse(label)
-    return scheme != "ddp" and "bf16" not in variant
+    return scheme != "ddp" and "bf16" not in variant and "act16" not in variant
 
 
 def predict(prof, link, label: str, K: int, b: int) -> float | None:
@@ -174,7 +175,7 @@ def targets(records: list[dict]) -> list[str]:
     }
     out += [
         "",
-        "| b | bf16 sums, configuration | step s, slowest link | step s, fastest link | ratio |",
+        "| b | bf16 sums (+act16: and bf16 activations), configuration | step s, slowest link | step s, fastest link | ratio |",
         "|---|---|---|---|---|",
     ]
     for b in sorted(set(slow) & set(fast)) if len({r["rate"] for r in records}) > 1 else []:
@@ -204,6 +205,8 @@ def plot(records: list[dict], path: Path) -> None:
         "pipelined+mb4": "v",
         "pipelined+mb8": "D",
         "pipelined+bf16": "D",
+        "pipelined+bf16+act16": "P",
+        "pipelined+inline": "s",
         "": "o",
         "bf16": "D",
         "powersgd": "x",

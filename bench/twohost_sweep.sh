@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The two-host benchmark of docs/benchmarks.md in one command (run as root, ~75 min on 2 cores):
+# The two-host benchmark of docs/benchmarks.md in one command (run as root, ~85 min on 2 cores):
 # every scheme (DDP with torch's default, bf16 and PowerSGD hooks; hybrid a, b, c — b left out at
 # b = 256 — with the trunk's sums bucketed, pipelined, pipelined in bf16, for b and c with the trunk
-# run round by round, for a in 4 and 8 micro-batches) at 100 Mbit/s, 1 Gbit/s and 10 Gbit/s, with 16 images per worker and with the
+# run round by round, for a in 4 and 8 micro-batches, and for a side by side: the head's weight
+# gradients made inline (parallel.defer_wgrad=false) and bf16 sums with bf16 activations)
+# at 100 Mbit/s, 1 Gbit/s and 10 Gbit/s, with 16 images per worker and with the
 # largest local batch that keeps a step under ~10 s here (256), then the report: tables and plots
 # in docs/ (bench/twohost_report.py). SCHEMES=... VARIANTS=... narrow it.
 #   PYTHON=.venv/bin/python bench/twohost_sweep.sh [OUT.jsonl]
@@ -19,7 +21,7 @@ for rate in ${RATES:-100mbit 1gbit 10gbit}; do
     echo "== $rate, b = $batch" >&2
     if [ "$batch" -le 64 ]; then schemes="a,b,c"; else schemes="a,c"; fi
     bash bench/twohost.sh "$rate" bench/schemes.py --batch "$batch" --steps "$steps" --warmup "$warmup" \
-      --schemes "${SCHEMES:-$schemes,ddp,ddp/bf16,ddp/powersgd}" --trunk-sync "${VARIANTS:-bucketed,pipelined,pipelined+bf16,pipelined+chunk,pipelined+mb4,pipelined+mb8}" \
+      --schemes "${SCHEMES:-$schemes,ddp,ddp/bf16,ddp/powersgd}" --trunk-sync "${VARIANTS:-bucketed,pipelined+inline,pipelined,pipelined+bf16,pipelined+bf16+act16,pipelined+chunk,pipelined+mb4,pipelined+mb8}" \
       --rate "$rate" --json "$out" 2>&1 | grep -v -e '^\[W' -e Warning
   done
 done

@@ -4,7 +4,7 @@ held-out top-1 on the embedded data (issue: at the bound, item 4).
     python bench/trunk_compression.py [extra hydra overrides]
 
 Two emulated workers (the same arithmetic as two torchrun processes, in one process), the
-default recipe (15 epochs), one run after another; writes the ``trunkcomp`` section of
+default recipe, one run after another; writes the ``trunkcomp`` section of
 docs/benchmarks.md.
 """
 
@@ -23,6 +23,10 @@ RUNS = [
     ("fp32, pipelined", ["parallel.trunk_sync=pipelined"]),
     ("bf16 sums, bucketed", ["parallel.trunk_comm_dtype=bf16"]),
     ("bf16 sums, pipelined", ["parallel.trunk_sync=pipelined", "parallel.trunk_comm_dtype=bf16"]),
+    (
+        "bf16 sums and bf16 activations, pipelined",
+        ["parallel.trunk_sync=pipelined", "parallel.trunk_comm_dtype=bf16", "parallel.comm_dtype=bf16"],
+    ),
     ("PowerSGD rank 4, bucketed", ["parallel.trunk_powersgd_rank=4"]),
     ("PowerSGD rank 1, bucketed", ["parallel.trunk_powersgd_rank=1"]),
 ]

@@ -26,6 +26,8 @@ order each scheme issues its work (:func:`step_time`):
 * hybrid (b)/(c): K rounds; round j+1's features are issued before round j computes, round j's
   feature gradients leave while round j+1 computes; the moves inside the head block; then trunk
   backward with its buckets as in (a).
+* the head's weight gradients (``defer_wgrad``, the default): after the trunk's backward, while
+  its sums travel; the head's backward on the chain is its input gradients only.
 
 The processor also pays for the transport where they share cores (``Link.cpu_s_per_byte``): the
 step is at least compute + that. The model has no fitted constants: alpha, the bandwidth and the
@@ -467,7 +469,7 @@ def step_time(
     chunk_trunk: bool = False,
     micro_batches: int = 1,
     grad_itemsize: int = GRAD_ITEMSIZE,
-    defer_wgrad: bool = False,
+    defer_wgrad: bool = True,
 ) -> StepTime:
     """Predicted time of one training step with ``K`` workers, ``b`` images each.
 
@@ -478,9 +480,10 @@ def step_time(
     (``trunk_pipeline.py``); ``chunk_trunk`` (schemes b, c) or ``micro_batches = m`` (scheme a, m
     rounds): the trunk round by round (``rounds.py``); with any of them, the step time is the
     period of consecutive steps. ``grad_itemsize=2``: the trunk's
-    (DDP: all) gradient sums travel in bf16. ``defer_wgrad``: the head's weight gradients are
-    computed after the trunk's backward, while its sums travel (``parallel.defer_wgrad``); the
-    backward of a head product then holds only its input gradient, timed as its forward."""
+    (DDP: all) gradient sums travel in bf16. ``defer_wgrad`` (the default, as
+    ``parallel.defer_wgrad``): the head's weight gradients are computed after the trunk's backward,
+    while its sums travel; the backward of a head product then holds only its input gradient,
+    timed as its forward; False: autograd's order."""
     G = fc_group_size or K
     if K % G:
         raise ValueError(f"fc_group_size {G} must divide the number of workers {K}")
@@ -492,12 +495,12 @@ def step_time(
         tl, sent, done, n_opt = _ddp_step(profile, link, K, b, grad_itemsize)
     elif K > 1 and (trunk_sync == "pipelined" or chunk_trunk or micro_batches > 1):
         step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
-        step.defer = defer_wgrad
+        step.defer = defer_wgrad and K > 1  # as the code: nothing to hide behind at K = 1
         rounds = scheme_rounds(scheme, b, G, micro_batches) if chunk_trunk or micro_batches > 1 else None
         return step.steady(scheme, trunk_sync == "pipelined", rounds, bucket_cap)
     else:
         step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
-        step.defer = defer_wgrad
+        step.defer = defer_wgrad and K > 1  # as the code: nothing to hide behind at K = 1
         tl, sent, done, n_opt = step.run(scheme, bucket_cap)
     for t in done:
         tl.wait(t)
@@ -547,7 +550,7 @@ class _HybridStep:
         self.styles, self.overlap, self.gi = styles, overlap, grad_itemsize  # gi: the trunk's sums
         self.widths = list(profile.head)
         self.tl, self.sent = _Timeline(link.burst_bytes / link.bytes_per_s), 0
-        self.defer, self.deferred = False, 0.0  # deferred: weight-gradient seconds not yet run
+        self.defer, self.deferred = False, {}  # deferred: rows of each Linear's weight gradient not yet made
 
     def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
         tl, G, K, link = self.tl, self.G, self.K, self.link
@@ -700,16 +703,22 @@ class _HybridStep:
             self.tl.run(forward)
         elif self.defer:
             # The input gradient reads the weight as the forward does (same time); the weight
-            # gradient, the rest of the backward, runs after the trunk's backward.
+            # gradient runs after the trunk's backward, one product over every round's rows.
             self.tl.run(forward)
-            self.deferred += max(0.0, 2 * f / self.profile.fc_rate(rows, True) - forward)
+            self.deferred[i] = self.deferred.get(i, 0) + rows
         else:
-            self.tl.run(2 * f / self.profile.fc_rate(rows, True))
+            self.tl.run(self._backward_s(i, rows))
+
+    def _backward_s(self, i: int, rows: int) -> float:
+        return 2 * _linear_flops(*self.widths[i], self.styles[i], rows, self.G) / self.profile.fc_rate(rows, True)
 
     def run_deferred(self) -> None:
-        """The head's deferred weight gradients (the trunk's sums already issued)."""
-        self.tl.run(self.deferred)
-        self.deferred = 0.0
+        """The head's deferred weight gradients (the trunk's sums already issued): the backward
+        of each Linear over all its rows, less its input gradient (timed as the forward)."""
+        for i, rows in self.deferred.items():
+            f = _linear_flops(*self.widths[i], self.styles[i], rows, self.G)
+            self.tl.run(max(0.0, self._backward_s(i, rows) - f / self.profile.fc_rate(rows, False)))
+        self.deferred = {}
 
     def move(self, op: tuple, betas: Sequence[int], backward: bool) -> float:
         seconds, elements = _move_time(self.link, op[1], op[2], betas, self.profile.itemsize, backward)

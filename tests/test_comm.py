@@ -98,12 +98,17 @@ def _wire_bytes(comm):
         ("all_gather", lambda tag: comm.all_gather(x[: n // K], 0, [n // K] * K, tag)),
         ("all_reduce", lambda tag: comm.all_reduce(x.clone(), tag)),
     ):
-        comm.ledger.reset()
-        dist.barrier()
-        before = lo()
-        op(name)
-        dist.barrier()
-        out[name] = (lo() - before, comm.ledger.sent)
+        # lo's counter is the machine's: anything else on loopback meanwhile only adds bytes, so
+        # the least of three tries is the collective's own (a 2× route still shows in each try).
+        tries = []
+        for _ in range(3):
+            comm.ledger.reset()
+            dist.barrier()
+            before = lo()
+            op(name)
+            dist.barrier()
+            tries.append((lo() - before, comm.ledger.sent))
+        out[name] = min(tries)
     return out
 
 

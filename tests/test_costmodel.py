@@ -286,14 +286,14 @@ def test_deferred_weight_gradients_by_hand():
         opt_s_per_param=0.0,
     )
     link = cm.Link(0.0, 4 * n)
-    inline = cm.step_time(prof, link, "a", 2, 1, trunk_sync="pipelined")
-    deferred = cm.step_time(prof, link, "a", 2, 1, trunk_sync="pipelined", defer_wgrad=True)
+    inline = cm.step_time(prof, link, "a", 2, 1, trunk_sync="pipelined", defer_wgrad=False)
+    deferred = cm.step_time(prof, link, "a", 2, 1, trunk_sync="pipelined")  # the default
     assert inline.step_s == pytest.approx(7.5, rel=1e-3)
     assert deferred.step_s == pytest.approx(6.5, rel=1e-3)
     assert deferred.compute_s == pytest.approx(inline.compute_s) == pytest.approx(6.5, rel=1e-3)
     # Bucketed: the weight gradient runs while the buckets travel, before the wait.
-    bucketed = cm.step_time(prof, link, "a", 2, 1, defer_wgrad=True)
-    assert bucketed.step_s < cm.step_time(prof, link, "a", 2, 1).step_s - 1.0
+    bucketed = cm.step_time(prof, link, "a", 2, 1)
+    assert bucketed.step_s < cm.step_time(prof, link, "a", 2, 1, defer_wgrad=False).step_s - 1.0
 
 
 @pytest.mark.parametrize("scheme", ["a", "b", "c"])

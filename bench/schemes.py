@@ -267,6 +267,8 @@ def main() -> None:
     comm = DistCommunicator()
     # twohost.sh and --standalone put every worker on this machine.
     link = calibrate_link(args.workers_on_machine or comm.world_size)
+    if args.rate:  # bench/twohost.sh's token bucket, as the report's predictions have it
+        link = dataclasses.replace(link, burst_bytes=costmodel.tbf_burst(args.rate))
     if args.calibrate_only:
         if comm.rank == 0:
             print(

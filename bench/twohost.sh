@@ -4,7 +4,8 @@
 #   bench/twohost.sh RATE COMMAND...      e.g. bench/twohost.sh 100mbit bench/schemes.py --batch 16
 # COMMAND is what torchrun runs on each node (a script path, or -m module). The namespaces are
 # always removed at the end, also on failure or Ctrl-C. TORCHRUN_ARGS adds torchrun options on both
-# nodes (e.g. "--max-restarts=2"). NETEM makes the link lossy and slow instead of a veth, e.g.
+# nodes (e.g. "--max-restarts=2"); OMP_NUM_THREADS passes through (default 1). NETEM makes the link
+# lossy and slow instead of a veth, e.g.
 # NETEM="--loss 0.01 --delay-ms 20 --jitter-ms 10" (bench/netem.py; the kernel here has no netem).
 set -euo pipefail
 rate="${1:?rate, e.g. 1gbit}"
@@ -46,7 +47,7 @@ run_node() {  # namespace, interface, node rank, command...
   local ns="$1" ifc="$2" rank="$3"
   shift 3
   # --local-addr: the namespaces cannot reach the address the host name resolves to.
-  ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$ifc" OMP_NUM_THREADS=1 "${PYTHON:-python}" -m torch.distributed.run \
+  ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$ifc" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes=2 --nproc_per_node=1 --node_rank="$rank" --rdzv-backend=c10d --rdzv-endpoint=198.18.0.1:29400 \
     --local-addr="198.18.0.$((rank + 1))" --rdzv-id="twohost$$" --rdzv-conf="is_host=$([ "$rank" = 0 ] && echo true || echo false)" \
     "${extra[@]}" "$@"

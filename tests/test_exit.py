@@ -48,7 +48,9 @@ def test_process_groups_held_by_reference_cycles_end_before_interpreter_shutdown
         out = subprocess.run(
             [sys.executable, "-c", _CHILD, how], check=False, capture_output=True, text=True, timeout=50
         )
-        assert out.returncode == 0, out.stderr[-2000:]
+        # The torch-only control may abort at shutdown (the bug this guards against); the
+        # library's way must always exit cleanly.
+        assert out.returncode == 0 or how == "torch", out.stderr[-2000:]
         got[how] = [int(v) for v in out.stdout.split()]
     base, alive, after = got["library"]
     assert alive > base and after == base, got  # every gloo thread joined

@@ -493,14 +493,13 @@ def step_time(
         raise ValueError("chunk_trunk runs with schemes b and c, micro_batches with scheme a")
     if scheme == "ddp":
         tl, sent, done, n_opt = _ddp_step(profile, link, K, b, grad_itemsize)
-    elif K > 1 and (trunk_sync == "pipelined" or chunk_trunk or micro_batches > 1):
-        step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
-        step.defer = defer_wgrad and K > 1  # as the code: nothing to hide behind at K = 1
-        rounds = scheme_rounds(scheme, b, G, micro_batches) if chunk_trunk or micro_batches > 1 else None
-        return step.steady(scheme, trunk_sync == "pipelined", rounds, bucket_cap)
     else:
-        step = _HybridStep(profile, link, K, b, G, choose_styles(list(profile.head), G, plan), overlap, grad_itemsize)
-        step.defer = defer_wgrad and K > 1  # as the code: nothing to hide behind at K = 1
+        styles = choose_styles(list(profile.head), G, plan)
+        # defer as the code: at K = 1 there is nothing to hide the weight gradients behind.
+        step = _HybridStep(profile, link, K, b, G, styles, overlap, grad_itemsize, defer_wgrad and K > 1)
+        if K > 1 and (trunk_sync == "pipelined" or chunk_trunk or micro_batches > 1):
+            rounds = scheme_rounds(scheme, b, G, micro_batches) if chunk_trunk or micro_batches > 1 else None
+            return step.steady(scheme, trunk_sync == "pipelined", rounds, bucket_cap)
         tl, sent, done, n_opt = step.run(scheme, bucket_cap)
     for t in done:
         tl.wait(t)
@@ -545,12 +544,23 @@ class _Partitions:
 class _HybridStep:
     """One hybrid step on the timeline: the schedule the code runs (``rounds.py`` for (b)/(c))."""
 
-    def __init__(self, profile: Profile, link: Link, K: int, b: int, G: int, styles, overlap: bool, grad_itemsize: int):
+    def __init__(
+        self,
+        profile: Profile,
+        link: Link,
+        K: int,
+        b: int,
+        G: int,
+        styles,
+        overlap: bool,
+        grad_itemsize: int,
+        defer: bool,
+    ):
         self.profile, self.link, self.K, self.b, self.G = profile, link, K, b, G
         self.styles, self.overlap, self.gi = styles, overlap, grad_itemsize  # gi: the trunk's sums
         self.widths = list(profile.head)
         self.tl, self.sent = _Timeline(link.burst_bytes / link.bytes_per_s), 0
-        self.defer, self.deferred = False, {}  # deferred: rows of each Linear's weight gradient not yet made
+        self.defer, self.deferred = defer, {}  # deferred: rows of each Linear's weight gradient not yet made
 
     def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
         tl, G, K, link = self.tl, self.G, self.K, self.link
@@ -694,30 +704,27 @@ class _HybridStep:
         return self.trunk_backward(rounds[-1][-1], layout, bucket_cap)
 
     def linear(self, i: int, rows: int, backward: bool) -> None:
-        f = _linear_flops(*self.widths[i], self.styles[i], rows, self.G)
-        # The rate goes by rows, not FLOPs: a product of ``rows`` examples with a weight (shard)
-        # does ~rows/2 FLOPs per weight byte read whatever the shard's width, so a shard on K·b
-        # rows runs like the full layer on K·b rows (roofline), and a round of b/K·K rows slower.
-        forward = f / self.profile.fc_rate(rows, False)
-        if not backward:
-            self.tl.run(forward)
-        elif self.defer:
+        if self.defer and backward:
             # The input gradient reads the weight as the forward does (same time); the weight
             # gradient runs after the trunk's backward, one product over every round's rows.
-            self.tl.run(forward)
+            self.tl.run(self._linear_s(i, rows, False))
             self.deferred[i] = self.deferred.get(i, 0) + rows
         else:
-            self.tl.run(self._backward_s(i, rows))
+            self.tl.run(self._linear_s(i, rows, backward))
 
-    def _backward_s(self, i: int, rows: int) -> float:
-        return 2 * _linear_flops(*self.widths[i], self.styles[i], rows, self.G) / self.profile.fc_rate(rows, True)
+    def _linear_s(self, i: int, rows: int, backward: bool) -> float:
+        """Seconds of Linear ``i``'s forward (or whole backward: twice its FLOPs) on ``rows``.
+        The rate goes by rows, not FLOPs: a product of ``rows`` examples with a weight (shard)
+        does ~rows/2 FLOPs per weight byte read whatever the shard's width, so a shard on K·b
+        rows runs like the full layer on K·b rows (roofline), and a round of b/K·K rows slower."""
+        f = _linear_flops(*self.widths[i], self.styles[i], rows, self.G)
+        return (2 if backward else 1) * f / self.profile.fc_rate(rows, backward)
 
     def run_deferred(self) -> None:
         """The head's deferred weight gradients (the trunk's sums already issued): the backward
         of each Linear over all its rows, less its input gradient (timed as the forward)."""
         for i, rows in self.deferred.items():
-            f = _linear_flops(*self.widths[i], self.styles[i], rows, self.G)
-            self.tl.run(max(0.0, self._backward_s(i, rows) - f / self.profile.fc_rate(rows, False)))
+            self.tl.run(max(0.0, self._linear_s(i, rows, True) - self._linear_s(i, rows, False)))
         self.deferred = {}
 
     def move(self, op: tuple, betas: Sequence[int], backward: bool) -> float:

@@ -40,12 +40,14 @@ def variant_options(scheme: str, variant: str) -> dict | None:
     trunk round by round: schemes b, c), ``+mbN`` (scheme a in N micro-batches) and/or ``+bf16``
     (the trunk's sums in bf16), ``+act16`` (the features and their gradients travel in bf16:
     ``parallel.comm_dtype=bf16``, lossy) and/or ``+inline`` (the head's weight gradients made in its
-    backward, as autograd makes them: ``parallel.defer_wgrad=false``; these two for scheme a); None where the variant does not apply to ``scheme``."""
+    backward, as autograd makes them: ``parallel.defer_wgrad=false``), ``+whole`` (the head's moves in
+    one message each, not in pieces: ``parallel.move_piece_mb=null``; these three for scheme a); None
+    where the variant does not apply to ``scheme``."""
     trunk_sync, *flags = variant.split("+")
     micro = next((int(f[2:]) for f in flags if f.startswith("mb")), 1)
     if ("chunk" in flags and scheme == "a") or (micro > 1 and scheme != "a"):
         return None
-    if ("inline" in flags or "act16" in flags) and scheme != "a":
+    if ("inline" in flags or "act16" in flags or "whole" in flags) and scheme != "a":
         return None  # side-by-side rows, measured on the best scheme only (the sweep's time)
     return {
         "trunk_sync": trunk_sync,
@@ -54,6 +56,7 @@ def variant_options(scheme: str, variant: str) -> dict | None:
         "bf16": "bf16" in flags,
         "defer": "inline" not in flags,
         "act16": "act16" in flags,
+        "whole": "whole" in flags,
     }
 
 
@@ -62,6 +65,7 @@ def run(
 ) -> dict[str, float]:
     """``variant``: see :func:`variant_options`."""
     opts = variant_options(scheme, variant)
+    pieces, comm.piece_bytes = comm.piece_bytes, None if opts["whole"] else comm.piece_bytes
     model = HybridModel(
         build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
         comm,
@@ -89,6 +93,7 @@ def run(
             step_s.append(time.perf_counter() - t0)
             comm_s.append(comm.ledger.seconds)
     wire = (link_bytes() - link0) / (warmup + steps) if link0 is not None else None
+    comm.piece_bytes = pieces
     return {
         "step": statistics.median(step_s),
         "comm": statistics.median(comm_s),

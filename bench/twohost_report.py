@@ -22,6 +22,7 @@ from hybridpar import costmodel
 DDP_HOOKS = ("", "bf16", "powersgd")  # torch's default all-reduce, bf16_compress_hook, powerSGD_hook
 VARIANTS = (
     "bucketed",
+    "bucketed+whole",
     "pipelined+inline",
     "pipelined",
     "pipelined+chunk",
@@ -207,6 +208,7 @@ def plot(records: list[dict], path: Path) -> None:
         "pipelined+bf16": "D",
         "pipelined+bf16+act16": "P",
         "pipelined+inline": "s",
+        "bucketed+whole": "o",
         "": "o",
         "bf16": "D",
         "powersgd": "x",

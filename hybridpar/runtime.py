@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from hybridpar.comm import Communicator, DistCommunicator, run_emulated
 from hybridpar.comm.peerwatch import PeerWatch
+from hybridpar.comm.torchdist import MOVE_PIECE_BYTES
 from hybridpar.errors import HybridparError
 
 
@@ -147,6 +148,7 @@ def run_workers(
     emulate: int,
     timeout_s: float,
     peer_timeout_s: float | None = None,
+    move_piece_mb: float | None = MOVE_PIECE_BYTES / 2**20,
 ) -> Any:
     """Run ``fn(comm, device)`` on every worker; return this process's result (rank 0's when emulated).
 
@@ -175,7 +177,8 @@ def run_workers(
             world_size=int(os.environ["WORLD_SIZE"]),
             timeout=timedelta(seconds=timeout_s),
         )
-        comm, watch = DistCommunicator(), None
+        piece = int(move_piece_mb * 2**20) if move_piece_mb else None
+        comm, watch = DistCommunicator(piece_bytes=piece), None
         if peer_timeout_s and comm.world_size > 1:
             watch = PeerWatch(
                 store.host, store.port, comm.rank, comm.world_size, peer_timeout_s, lambda: comm.ledger.waiting

@@ -87,6 +87,7 @@ def main(cfg: DictConfig) -> float | None:
                 emulate=cfg.parallel.emulate,
                 timeout_s=cfg.parallel.timeout_s,
                 peer_timeout_s=cfg.parallel.peer_timeout_s,
+                move_piece_mb=cfg.parallel.move_piece_mb,
             )
     except Preempted as exc:
         if rank0:

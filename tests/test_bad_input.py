@@ -120,3 +120,15 @@ def _too_narrow(comm):
 def test_more_workers_than_classes_gloo():
     for status, message in run_gloo(2, _too_narrow, timeout_s=90):
         assert status == "ok" and "output width 1 is smaller than the number of workers" in message
+
+
+def test_move_piece_mb_is_a_positive_size_or_null():
+    from hybridpar.errors import ConfigError
+    from hybridpar.trainer import validate
+    from tests.helpers import compose_train
+
+    for good in ("null", "0.25", "4"):
+        validate(compose_train(f"parallel.move_piece_mb={good}"))
+    for bad in ("0", "-1", "big", "true"):
+        with pytest.raises(ConfigError, match=r"^parallel.move_piece_mb must be a positive number of MB or null"):
+            validate(compose_train(f"parallel.move_piece_mb={bad}"))

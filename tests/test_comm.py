@@ -73,6 +73,43 @@ def test_gloo_primitives():
     _check(results(run_gloo(3, _primitives)))
 
 
+def _pieced(comm, piece_bytes):
+    """The primitives with moves cut into pieces of ``piece_bytes``, an async all-to-all among them,
+    and what the ledger counted."""
+    import torch.distributed as dist
+
+    comm.piece_bytes = piece_bytes
+    out = _primitives(comm)
+    k, r = comm.world_size, comm.rank
+    chunks = [_data(10 * r + j, (3, 5)) for j in range(k)]
+    handle = comm.all_to_all_async(chunks, [torch.Size((3, 5))] * k)
+    dist.barrier()  # every piece issued everywhere before anyone waits
+    out["a2a_async"] = handle.wait()
+    # A piece boundary inside a row of a 3-d tensor gathered along its last dimension.
+    out["ag2"] = comm.all_gather(_data(r, (2, 3, 4)), 2, [4] * k)
+    return out, comm.ledger.sent
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("K", [2, 3])
+def test_gloo_moves_in_pieces_equal_whole_moves_bit_for_bit(K):
+    """parallel.move_piece_mb: even moves above the piece size go as several collectives issued
+    together; the results and the ledger must not change (uneven ones go whole on every worker)."""
+    pieced = results(run_gloo(K, _pieced, 12))  # 3 floats a piece: ragged last pieces everywhere
+    whole = results(run_gloo(K, _pieced, None))
+    _check([out for out, _ in pieced])
+    for r, ((got, sent), (want, sent_whole)) in enumerate(zip(pieced, whole, strict=True)):
+        assert sent == sent_whole
+        for j in range(K):
+            assert torch.equal(got["a2a_async"][j], _data(10 * j + r, (3, 5)))
+        assert torch.equal(got["ag2"], torch.cat([_data(i, (2, 3, 4)) for i in range(K)], 2))
+        for name, t in want.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(got[name], t), name
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(got[name], t, strict=True)), name
+
+
 def test_a_failing_emulated_worker_releases_its_peers():
     def work(comm):
         if comm.rank == 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -277,9 +278,13 @@ def test_every_image_unreadable_is_one_line_data_error(tmp_path, num_workers):
     with pytest.raises(DataError, match=r"every one of the 8 images under .*train is unreadable") as info:
         next(iter(loader))
     assert "\n" not in str(info.value)
+    # The error's traceback is still held here, and the loader's worker processes are already gone: they are not
+    # left to the garbage collector (which found them with their queues closed, and waited 5 s on each).
+    assert multiprocessing.active_children() == []
     with pytest.raises(DataError, match=r"every one of the 8 images under .*val is unreadable") as info:
         list(eval_batches(data.val, local_batch=2, rank=0, world_size=1, num_workers=num_workers))
     assert "\n" not in str(info.value)
+    assert multiprocessing.active_children() == []  # an evaluation's workers end with the error
     with pytest.raises(DataError, match="unreadable"):
         data.train[0]
 

@@ -186,6 +186,15 @@ def assert_equal(run: Run, got: dict, want: dict, *, rtol: float, atol: float = 
     """Every tensor within rtol and ``atol + atol_scaled · (scale of its kind)``; replicas bit-identical."""
     assert got["replicas_differ"] == [], f"replicated tensors differ between workers: {got['replicas_differ'][:5]}"
     for name, a, b, scale in compare(got, want):
+        # assert_close's own test (isclose) costs seconds on VGG's 100M-entry head; the same bound in two
+        # kernels passes the common case, and anything else (a miss, NaN, inf, dtype, shape) goes to
+        # assert_close for its verdict and message.
+        if (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(((a - b).abs() <= atol + atol_scaled * scale + rtol * b.abs()).all())
+        ):
+            continue
         torch.testing.assert_close(
             a,
             b,

@@ -108,8 +108,15 @@ def _stripped(
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """``(x, y, substituted)`` from keyed batches; counts substituted rows on ``counter.skipped`` and logs
     each unreadable file here, in the consuming process (a worker's log lines would go nowhere under spawn)."""
-    for batch in batches:
+    # No name but ``it`` may hold the DataLoader's iterator, and no ``for`` (it would keep one on the frame's
+    # stack): the traceback of the DataError keeps this frame alive, and an iterator left in it would stop its
+    # worker processes only when the garbage collector breaks the cycle, by which time its queues may be closed
+    # first and each worker waits out its 5 s poll before it sees the end.
+    it = iter(batches)
+    del batches
+    while (batch := next(it, None)) is not None:
         if isinstance(batch, str):
+            del it  # the iterator's __del__ stops the workers now
             raise DataError(batch)
         x, y, substituted, unreadable = batch
         counter.skipped += int(substituted.sum())
@@ -135,8 +142,14 @@ class _TrainLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         if isinstance(self.dataset, _Keyed):
-            for x, y, _ in _stripped(super().__iter__(), self.dataset.dataset, self):
-                yield x, y
+            try:
+                for x, y, _ in _stripped(super().__iter__(), self.dataset.dataset, self):
+                    yield x, y
+            except DataError:
+                # The error's traceback holds this frame and so the loader: drop its persistent workers now
+                # rather than as long as someone keeps the error (a later epoch would start new ones).
+                self._iterator = None
+                raise
             return
         sampler = self.sampler
         make_augmenter = getattr(self.dataset, "make_augmenter", None)

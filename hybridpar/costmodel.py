@@ -100,6 +100,10 @@ class Profile:
     # is not ``rows`` times its per-image time: on a CPU smaller convolutions keep their working
     # set in cache (faster per image), on a GPU they fill fewer cores (slower). Empty: linear.
     trunk_scale: tuple[tuple[int, float, float], ...] = ()
+    # A sum in bf16 (torch's bf16_compress_hook; parallel.trunk_comm_dtype=bf16) first casts the
+    # gradient down and divides it, and copies the result back into the fp32 gradient: seconds per
+    # element, on the processor that computes. 0: not measured (profiles from before it was).
+    cast_s_per_elem: float = 0.0
 
     def scaled(self, speed: float) -> Profile:
         """The same network on a device ``speed`` times faster."""
@@ -264,6 +268,7 @@ def measure_profile(
         opt_s_per_param=_time_optimizer(model, timer),
         itemsize=2 if dtype == torch.bfloat16 else 4,
         trunk_scale=tuple(_trunk_scale(model, timer, trunk, batch, image_size, sorted(set(trunk_rows)), dev)),
+        cast_s_per_elem=_time_cast(timer),
     )
 
 
@@ -331,6 +336,14 @@ def _time_head(head: Sequence[nn.Linear], timer: _Timer, batch: int) -> list[tup
             flops += 2.0 * rows * lin.in_features * lin.out_features
         rates.append((rows, flops / t_fwd, 2 * flops / t_bwd))
     return rates
+
+
+def _time_cast(timer: _Timer, n: int = 1 << 22) -> float:
+    """Seconds per element of a bf16 sum's own work: ``g.to(bf16).div_(K)``, then ``g.copy_(sum)``."""
+    g = torch.randn(n, device=timer.device)
+    for _ in range(timer.warmup):
+        g.copy_(g.to(torch.bfloat16).div_(2))
+    return _timed(lambda: g.copy_(g.to(torch.bfloat16).div_(2)), timer.device, timer.reps) / n
 
 
 def _time_optimizer(model: nn.Module, timer: _Timer) -> float:
@@ -410,6 +423,13 @@ def _allreduce_time(link: Link, n: int, K: int, itemsize: int = GRAD_ITEMSIZE) -
     return link.time(allreduce_steps(K), max(allreduce_bytes(n, K, r, 1) for r in range(K)), itemsize)
 
 
+def _issue_sum(tl: _Timeline, link: Link, n: int, K: int, itemsize: int, cast_s_per_elem: float) -> float:
+    """Issue a gradient sum of ``n`` elements; in bf16 (``itemsize`` 2) the processor casts first."""
+    if itemsize == 2:
+        tl.run(n * cast_s_per_elem)
+    return tl.issue(_allreduce_time(link, n, K, itemsize))
+
+
 def _head_program(widths: Sequence[tuple[int, int]], styles: Sequence[str]) -> list[tuple]:
     """The step program's head (:func:`head_layout`) as ``('linear', i)`` and ``('move', kind, width)``."""
     per_linear, tail = head_layout(widths, styles)
@@ -432,6 +452,7 @@ def _backward_with_buckets(
     K: int,
     overlap: bool = True,
     itemsize: int = GRAD_ITEMSIZE,
+    cast_s_per_elem: float = 0.0,
 ) -> list[float]:
     """Run the backward stages (last first); issue each bucket's all-reduce when its last
     gradient is ready (and wait for it at once unless ``overlap``). Buckets as
@@ -448,7 +469,8 @@ def _backward_with_buckets(
             b = bucket_of[i]
             missing[b] -= 1
             if missing[b] == 0 and K > 1:
-                done.append(tl.issue(_allreduce_time(link, sum(numels[j] for j in buckets[b]), K, itemsize)))
+                n = sum(numels[j] for j in buckets[b])
+                done.append(_issue_sum(tl, link, n, K, itemsize, cast_s_per_elem))
                 if not overlap:
                     tl.wait(done[-1])
     return done
@@ -517,7 +539,9 @@ def _ddp_step(
     tl.run(sum(profile.trunk_s(b)) + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False))
     head_bwd = [(4.0 * b * i * o / profile.fc_rate(b, True), (i * o, o)) for i, o in reversed(widths)]
     trunk_bwd = [(t, s.params) for t, s in zip(reversed(profile.trunk_s(b, True)), reversed(profile.trunk))]
-    done = _backward_with_buckets(tl, link, head_bwd + trunk_bwd, DDP_BUCKET_BYTES // GRAD_ITEMSIZE, K, True, itemsize)
+    done = _backward_with_buckets(
+        tl, link, head_bwd + trunk_bwd, DDP_BUCKET_BYTES // GRAD_ITEMSIZE, K, True, itemsize, profile.cast_s_per_elem
+    )
     sent = allreduce_bytes(profile.trunk_params + profile.head_params, K, 0, itemsize)
     return tl, sent, done, sum(profile.trunk_params) + sum(profile.head_params)
 
@@ -579,7 +603,9 @@ class _HybridStep:
             sum_shards()  # while the trunk's backward runs
         trunk = self.profile.trunk
         trunk_bwd = [(t, s.params) for t, s in zip(reversed(self.profile.trunk_s(self.b, True)), reversed(trunk))]
-        done = _backward_with_buckets(tl, link, trunk_bwd, bucket_cap, K, self.overlap, self.gi)
+        done = _backward_with_buckets(
+            tl, link, trunk_bwd, bucket_cap, K, self.overlap, self.gi, self.profile.cast_s_per_elem
+        )
         self.run_deferred()
         if self.defer:
             sum_shards()  # once the deferred weight gradients exist
@@ -667,18 +693,21 @@ class _HybridStep:
         seconds = self.profile.trunk_s(rows, True)
         if layout is None:
             stages = [(t, s.params) for t, s in zip(reversed(seconds), reversed(trunk))]
-            return _backward_with_buckets(tl, link, stages, bucket_cap, K, self.overlap, self.gi)
+            return _backward_with_buckets(
+                tl, link, stages, bucket_cap, K, self.overlap, self.gi, self.profile.cast_s_per_elem
+            )
         issued, order, k = [0.0] * len(layout.sizes), layout.backward, 0
+        cast = self.profile.cast_s_per_elem
         for s in reversed(range(len(trunk))):
             tl.run(seconds[s])
             # A partition is ready once every stage it spans is through its backward.
             while k < len(order) and layout.stage[order[k]] >= s and sum(t > tl.cpu for t in issued) < WINDOW:
-                issued[order[k]] = tl.issue(_allreduce_time(link, layout.sizes[order[k]], K, self.gi))
+                issued[order[k]] = _issue_sum(tl, link, layout.sizes[order[k]], K, self.gi, cast)
                 k += 1
         tl.cpu += link.time(K - 1, 1, AGREE_ITEMSIZE)  # the agreement, on the idle world group
         rest = sorted(order[k:]) + ([] if layout.held is None else [layout.held])
         for j in rest:  # forward order, the held-back deepest partition last
-            issued[j] = tl.issue(_allreduce_time(link, layout.sizes[j], K, self.gi))
+            issued[j] = _issue_sum(tl, link, layout.sizes[j], K, self.gi, cast)
         return issued
 
     def chunked_rounds(

@@ -91,6 +91,23 @@ def test_ddp_step_by_hand():
     assert t.bytes_sent == ddp_step_bytes(n, 2)
 
 
+def test_a_bf16_sum_costs_its_casts_on_the_processor():
+    """DDP with torch's bf16 hook, K = 2, one bucket: the casts of all n gradients run before the
+    sum is issued (half the bytes of fp32); the hybrid's bf16 trunk sums cast the trunk's only."""
+    cast = 3e-9
+    prof, b, link = _toy_profile(cast_s_per_elem=cast), 4, cm.Link(1e-4, 1e5)
+    n = 4040 + 5050 + 510
+    compute = b * 9e-3 + 6 * b * 5500 / 1e9 + n * 1e-8 + n * cast
+    t = cm.step_time(prof, link, "ddp", 2, b, grad_itemsize=2)
+    assert t.compute_s == pytest.approx(compute)
+    assert t.step_s == pytest.approx(compute + 2 * 1e-4 + n * 2 / 1e5)
+    assert cm.step_time(prof, link, "ddp", 2, b).step_s == pytest.approx(compute - n * cast + 2e-4 + n * 4 / 1e5)
+    for sync in ("bucketed", "pipelined"):
+        with_casts = cm.step_time(prof, link, "a", 2, b, grad_itemsize=2, trunk_sync=sync).compute_s
+        without = cm.step_time(_toy_profile(), link, "a", 2, b, grad_itemsize=2, trunk_sync=sync).compute_s
+        assert with_casts - without == pytest.approx(4040 * cast), sync
+
+
 @pytest.mark.parametrize("scheme", ["a", "b", "c"])
 @pytest.mark.parametrize("K", [2, 3, 4, 8])
 def test_timeline_invariants_and_bytes(scheme, K):

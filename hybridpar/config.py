@@ -22,6 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from hybridpar.comm.torchdist import MOVE_PIECE_BYTES
 from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS
 
 
@@ -149,7 +150,9 @@ class ParallelConfig:
     plan: Any = "min_bytes"  # min_bytes | paper | [col/row, ...]
     timeout_s: float = 600.0
     peer_timeout_s: Any = 30.0  # a silent peer (host frozen, link down) ends the run in this time; null: off
-    move_piece_mb: Any = 1.0  # gloo: a move larger than this per peer travels in pieces of this size; null: whole
+    move_piece_mb: Any = (
+        MOVE_PIECE_BYTES / 2**20
+    )  # gloo: a move larger than this per peer travels in pieces of this size; null: whole
 
 
 @dataclass

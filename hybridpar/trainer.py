@@ -93,14 +93,10 @@ def validate(cfg: DictConfig) -> None:
         )
     if not cfg.parallel.timeout_s > 0:
         raise ConfigError(f"parallel.timeout_s must be a positive number of seconds, got {cfg.parallel.timeout_s!r}")
-    peer = cfg.parallel.peer_timeout_s
-    if peer is not None and (isinstance(peer, bool) or not isinstance(peer, int | float) or peer <= 0):
-        raise ConfigError(f"parallel.peer_timeout_s must be a positive number of seconds or null (off), got {peer!r}")
-    piece = cfg.parallel.move_piece_mb
-    if piece is not None and (isinstance(piece, bool) or not isinstance(piece, int | float) or piece <= 0):
-        raise ConfigError(
-            f"parallel.move_piece_mb must be a positive number of MB or null (moves whole), got {piece!r}"
-        )
+    for key, unit, off in (("peer_timeout_s", "seconds", "off"), ("move_piece_mb", "MB", "moves whole")):
+        value = cfg.parallel[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            raise ConfigError(f"parallel.{key} must be a positive number of {unit} or null ({off}), got {value!r}")
     if cfg.trainer.channels_last not in (True, False, "auto"):
         raise ConfigError(f"trainer.channels_last must be true, false or auto, got {cfg.trainer.channels_last!r}")
     if cfg.parallel.trunk_powersgd_rank < 0:

@@ -41,10 +41,13 @@ def variant_options(scheme: str, variant: str) -> dict | None:
     (the trunk's sums in bf16), ``+act16`` (the features and their gradients travel in bf16:
     ``parallel.comm_dtype=bf16``, lossy) and/or ``+inline`` (the head's weight gradients made in its
     backward, as autograd makes them: ``parallel.defer_wgrad=false``), ``+whole`` (the head's moves in
-    one message each, not in pieces: ``parallel.move_piece_mb=null``; these three for scheme a); None
+    one message each, not in pieces: ``parallel.move_piece_mb=null``; these three for scheme a), a
+    head layout such as ``+ccr`` (``parallel.plan=[col, col, row]``; default min_bytes); None
     where the variant does not apply to ``scheme``."""
     trunk_sync, *flags = variant.split("+")
     micro = next((int(f[2:]) for f in flags if f.startswith("mb")), 1)
+    layout = next((f for f in flags if set(f) <= {"c", "r"}), None)
+    plan = [{"c": "col", "r": "row"}[c] for c in layout] if layout else "min_bytes"
     if ("chunk" in flags and scheme == "a") or (micro > 1 and scheme != "a"):
         return None
     if ("inline" in flags or "act16" in flags or "whole" in flags) and scheme != "a":
@@ -57,6 +60,7 @@ def variant_options(scheme: str, variant: str) -> dict | None:
         "defer": "inline" not in flags,
         "act16": "act16" in flags,
         "whole": "whole" in flags,
+        "plan": plan,
     }
 
 
@@ -76,6 +80,7 @@ def run(
         trunk_comm_dtype=torch.bfloat16 if opts["bf16"] else None,
         defer_wgrad=opts["defer"],
         comm_dtype=torch.bfloat16 if opts["act16"] else None,
+        plan=opts["plan"],
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
@@ -156,13 +161,18 @@ def busy_cpu_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def calibrate_link(workers_on_machine: int, reps: int = 5) -> costmodel.Link:
-    """Alpha and bandwidth of the link as gloo sees it: all-reduces of 1 float and of ~0.3 s worth."""
+def calibrate_link(comm: DistCommunicator, workers_on_machine: int, reps: int = 5) -> costmodel.Link:
+    """Alpha and bandwidth of the link as gloo sees it (all-reduces of 1 float and of ~0.3 s worth),
+    and the processor time the transport takes: per byte of an fp32 and of a bf16 sum, and per
+    collective issued through the communicator."""
 
     cpu = []
+    # The whole machine's busy time counts (the kernel's TCP work runs outside the process, e.g.
+    # in softirq), shared by the workers on it; with one worker per core that is what it steals.
+    share = workers_on_machine if PROC_STAT else 1
 
-    def timed(n: int) -> float:
-        x, ts = torch.zeros(n), []
+    def timed(n: int, dtype: torch.dtype = torch.float32) -> float:
+        x, ts = torch.zeros(n, dtype=dtype), []
         for _ in range(reps):
             dist.barrier()
             t0, c0 = time.perf_counter(), busy_cpu_s()
@@ -180,13 +190,26 @@ def calibrate_link(workers_on_machine: int, reps: int = 5) -> costmodel.Link:
     dist.broadcast(size, 0)  # every worker must all-reduce the same size
     n = int(size)
     elements = max(allreduce_bytes(n, K, r, 1) for r in range(K))
-    cpu.clear()
-    bw = elements * 4 / max(timed(n) - steps * alpha, 1e-9)
-    # Transport processor time per byte moved (sent + received: 2 × elements × 4 bytes per worker).
-    # The whole machine's busy time counts (the kernel's TCP work runs outside the process, e.g.
-    # in softirq), shared by the workers on it; with one worker per core that is what it steals.
-    cpu_per_byte = statistics.median(cpu) * n / (2 * elements * 4) / (workers_on_machine if PROC_STAT else 1)
-    return costmodel.Link(alpha, bw, cpu_per_byte)
+    per_byte = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cpu.clear()
+        t = timed(n, dtype)
+        if dtype == torch.float32:
+            bw = elements * 4 / max(t - steps * alpha, 1e-9)
+        # Per byte moved (sent + received: 2 × elements × itemsize per worker).
+        per_byte[dtype] = statistics.median(cpu) * n / (2 * elements * dtype.itemsize) / share
+    # Per collective: small moves through the communicator, as the step issues its head's moves
+    # (its bookkeeping, gloo's wake-ups; 1 kB each, so the bytes cost nothing).
+    x, calls = torch.zeros(256), 50
+    comm.all_gather(x, 0, [256] * K, "calibrate")
+    dist.barrier()
+    c0 = busy_cpu_s()
+    for _ in range(calls):
+        comm.all_gather(x, 0, [256] * K, "calibrate")
+    per_call = (busy_cpu_s() - c0) / calls / share
+    return costmodel.Link(
+        alpha, bw, per_byte[torch.float32], cpu_s_per_call=per_call, cpu_s_per_bf16_byte=per_byte[torch.bfloat16]
+    )
 
 
 def trunk_sync_times(comm, n: int, reps: int = 7) -> dict[str, float]:
@@ -237,7 +260,7 @@ def predict(profile, link, scheme: str, variant: str, K: int, b: int) -> costmod
     """The cost model's step for a hybrid ``scheme`` with a trunk ``variant``."""
     opts = variant_options(scheme, variant)
     return costmodel.step_time(
-        dataclasses.replace(profile, itemsize=2) if opts["act16"] else profile,
+        profile,
         link,
         scheme,
         K,
@@ -247,6 +270,8 @@ def predict(profile, link, scheme: str, variant: str, K: int, b: int) -> costmod
         micro_batches=opts["micro_batches"],
         grad_itemsize=2 if opts["bf16"] else 4,
         defer_wgrad=opts["defer"],
+        comm_itemsize=2 if opts["act16"] else None,
+        plan=opts["plan"],
     )
 
 
@@ -271,7 +296,7 @@ def main() -> None:
     torch.set_num_threads(1)
     comm = DistCommunicator()
     # twohost.sh and --standalone put every worker on this machine.
-    link = calibrate_link(args.workers_on_machine or comm.world_size)
+    link = calibrate_link(comm, args.workers_on_machine or comm.world_size)
     if args.rate:  # bench/twohost.sh's token bucket, as the report's predictions have it
         link = dataclasses.replace(link, burst_bytes=costmodel.tbf_burst(args.rate))
     if args.calibrate_only:
@@ -283,6 +308,8 @@ def main() -> None:
                         "alpha_s": link.alpha_s,
                         "bytes_per_s": link.bytes_per_s,
                         "cpu_s_per_byte": link.cpu_s_per_byte,
+                        "cpu_s_per_call": link.cpu_s_per_call,
+                        "cpu_s_per_bf16_byte": link.cpu_s_per_bf16_byte,
                     }
                 ),
                 flush=True,
@@ -329,7 +356,8 @@ def main() -> None:
             f"AlexNet 224 px, b = {args.batch} per worker, K = {comm.world_size} gloo processes, 1 thread each; "
             f"medians of {args.steps} steps after {args.warmup} warm-up; link {args.rate or '?'}: alpha "
             f"{link.alpha_s * 1e6:.0f} us, {link.bytes_per_s * 8 / 1e9:.3f} Gbit/s, transport "
-            f"{link.cpu_s_per_byte * 1e9:.2f} ns/byte of processor time, measured"
+            f"{link.cpu_s_per_byte * 1e9:.2f} ns/byte of processor time ({link.cpu_s_per_bf16_byte * 1e9:.2f} in bf16 "
+            f"sums), {link.cpu_s_per_call * 1e6:.0f} us per collective, measured"
         )
         print(
             "| scheme | step s (overlap) | predicted s | error | step s (serialised) | predicted s | compute s | "
@@ -361,6 +389,8 @@ def main() -> None:
                 "alpha_s": link.alpha_s,
                 "bytes_per_s": link.bytes_per_s,
                 "cpu_s_per_byte": link.cpu_s_per_byte,
+                "cpu_s_per_call": link.cpu_s_per_call,
+                "cpu_s_per_bf16_byte": link.cpu_s_per_bf16_byte,
                 "rows": rows,
                 "sync": sync,
                 "profile": json.loads(profile.to_json()),

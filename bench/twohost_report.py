@@ -28,6 +28,7 @@ VARIANTS = (
     "pipelined+chunk",
     "pipelined+mb4",
     "pipelined+mb8",
+    "pipelined+mb16+ccr",
     "pipelined+bf16",
     "pipelined+bf16+act16",
 )
@@ -93,7 +94,12 @@ def repredict(records: list[dict]) -> None:
         prof = costmodel.Profile.from_json(json.dumps(rec["profile"]))
         # The veth's token bucket, as bench/twohost.sh set it for the rate.
         link = costmodel.Link(
-            rec["alpha_s"], rec["bytes_per_s"], rec["cpu_s_per_byte"], costmodel.tbf_burst(rec["rate"])
+            rec["alpha_s"],
+            rec["bytes_per_s"],
+            rec["cpu_s_per_byte"],
+            costmodel.tbf_burst(rec["rate"]),
+            rec.get("cpu_s_per_call", 0.0),  # 0 where a record predates their measurement
+            rec.get("cpu_s_per_bf16_byte", 0.0),
         )
         for r in rec["rows"]:
             r["predicted"] = predict(prof, link, r["scheme"], rec["K"], rec["batch"])
@@ -113,7 +119,11 @@ def tables(records: list[dict]) -> str:
     errors, hybrid_errors = [], []
     for rec in records:
         ddp = next((r for r in rec["rows"] if r["scheme"] == "ddp"), None)
-        link = f"{rec['bytes_per_s'] * 8 / 1e9:.3f} Gbit/s, α {rec['alpha_s'] * 1e6:.0f} µs, {rec['cpu_s_per_byte'] * 1e9:.2f} ns/B"
+        link = (
+            f"{rec['bytes_per_s'] * 8 / 1e9:.3f} Gbit/s, α {rec['alpha_s'] * 1e6:.0f} µs, "
+            f"{rec['cpu_s_per_byte'] * 1e9:.2f} ns/B ({rec.get('cpu_s_per_bf16_byte', 0) * 1e9:.2f} bf16), "
+            f"{rec.get('cpu_s_per_call', 0) * 1e6:.0f} µs/call"
+        )
         for r in sorted(rec["rows"], key=lambda r: order(r["scheme"])):
             err = None if r["predicted"] is None else r["predicted"] / r["step"] - 1
             if err is not None:
@@ -205,6 +215,7 @@ def plot(records: list[dict], path: Path) -> None:
         "pipelined+chunk": "^",
         "pipelined+mb4": "v",
         "pipelined+mb8": "D",
+        "pipelined+mb16+ccr": "<",
         "pipelined+bf16": "D",
         "pipelined+bf16+act16": "P",
         "pipelined+inline": "s",
@@ -218,13 +229,17 @@ def plot(records: list[dict], path: Path) -> None:
         prof = costmodel.Profile.from_json(json.dumps(recs[0]["profile"]))
         alpha = statistics.median(r["alpha_s"] for r in recs)
         cpu = statistics.median(r["cpu_s_per_byte"] for r in recs)
+        call, bf16 = (statistics.median(r.get(k, 0.0) for r in recs) for k in ("cpu_s_per_call", "cpu_s_per_bf16_byte"))
         eff = statistics.median(r["bytes_per_s"] / costmodel.parse_rate(r["rate"]) for r in recs)
         rates = [10 ** (7.7 + i * 0.05) for i in range(50)]  # 50 Mbit/s .. 15 Gbit/s, in bits
         labels = sorted({row["scheme"] for rec in recs for row in rec["rows"]}, key=order)
         for label in labels:
             scheme, variant = parse(label)
             if variant in ("bucketed", "pipelined", ""):  # the model's lines for the exact ones and plain DDP
-                model = [predict(prof, costmodel.Link(alpha, r / 8 * eff, cpu), label, recs[0]["K"], b) for r in rates]
+                model = [
+                    predict(prof, costmodel.Link(alpha, r / 8 * eff, cpu, 0.0, call, bf16), label, recs[0]["K"], b)
+                    for r in rates
+                ]
                 ls = "-" if variant != "pipelined" else "--"
                 ax.plot([r / 1e9 for r in rates], model, color=colors[scheme], lw=1, alpha=0.6, ls=ls)
             pts = [

@@ -2,7 +2,8 @@
 # The two-host benchmark of docs/benchmarks.md in one command (run as root, ~85 min on 2 cores):
 # every scheme (DDP with torch's default, bf16 and PowerSGD hooks; hybrid a, b, c — b left out at
 # b = 256 — with the trunk's sums bucketed, pipelined, pipelined in bf16, for b and c with the trunk
-# run round by round, for a in 4 and 8 micro-batches, and for a side by side: the head's weight
+# run round by round, for a in 4 and 8 micro-batches (at b = 256 also 16 with the head laid out col,
+# col, row), and for a side by side: the head's weight
 # gradients made inline (parallel.defer_wgrad=false) and bf16 sums with bf16 activations)
 # at 100 Mbit/s, 1 Gbit/s and 10 Gbit/s, with 16 images per worker and with the
 # largest local batch that keeps a step under ~10 s here (256), then the report: tables and plots
@@ -19,9 +20,11 @@ for rate in ${RATES:-100mbit 1gbit 10gbit}; do
   for batch in ${BATCHES:-16 256}; do
     if [ "$batch" -le 64 ]; then steps=5 warmup=2; else steps=3 warmup=2; fi
     echo "== $rate, b = $batch" >&2
-    if [ "$batch" -le 64 ]; then schemes="a,b,c"; else schemes="a,c"; fi
+    # b = 256: also a in 16 micro-batches with the head laid out col, col, row (one blocking move
+    # fewer per round than min_bytes' row, row, row: 16 rounds pay for each).
+    if [ "$batch" -le 64 ]; then schemes="a,b,c" more=""; else schemes="a,c" more=",pipelined+mb16+ccr"; fi
     bash bench/twohost.sh "$rate" bench/schemes.py --batch "$batch" --steps "$steps" --warmup "$warmup" \
-      --schemes "${SCHEMES:-$schemes,ddp,ddp/bf16,ddp/powersgd}" --trunk-sync "${VARIANTS:-bucketed,pipelined+inline,pipelined,pipelined+bf16,pipelined+bf16+act16,pipelined+chunk,pipelined+mb4,pipelined+mb8}" \
+      --schemes "${SCHEMES:-$schemes,ddp,ddp/bf16,ddp/powersgd}" --trunk-sync "${VARIANTS:-bucketed,pipelined+inline,pipelined,pipelined+bf16,pipelined+bf16+act16,pipelined+chunk,pipelined+mb4,pipelined+mb8$more}" \
       --rate "$rate" --json "$out" 2>&1 | grep -v -e '^\[W' -e Warning
   done
 done

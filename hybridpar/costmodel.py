@@ -29,8 +29,9 @@ order each scheme issues its work (:func:`step_time`):
 * the head's weight gradients (``defer_wgrad``, the default): after the trunk's backward, while
   its sums travel; the head's backward on the chain is its input gradients only.
 
-The processor also pays for the transport where they share cores (``Link.cpu_s_per_byte``): the
-step is at least compute + that. The model has no fitted constants: alpha, the bandwidth and the
+The processor also pays for the transport where they share cores (``Link.cpu_s_per_byte``, more
+per byte for bf16 sums) and for issuing each collective (``Link.cpu_s_per_call``, on the timeline
+of the thread that issues it): the step is at least compute + those. The model has no fitted constants: alpha, the bandwidth and the
 transport's processor time are measured on the link (``bench/schemes.py`` does this before the
 runs it predicts), compute on the device.
 """
@@ -175,15 +176,31 @@ class Link:
 
     ``burst_bytes``: a token-bucket link (``tc tbf``, as the two-host benchmark shapes its veth)
     saves up to this many bytes of credit while it is idle and sends them at once when traffic
-    resumes — a move after a pause of the link is cheaper than bytes / rate; 0 for a wire."""
+    resumes — a move after a pause of the link is cheaper than bytes / rate; 0 for a wire.
+
+    ``cpu_s_per_call``: processor time of issuing one collective, whatever its size (the
+    communicator's bookkeeping, the transport's wake-ups), spent by the thread that issues it —
+    it delays the work after it. Tens of microseconds on a GPU host, hundreds on a loaded CPU.
+
+    ``cpu_s_per_bf16_byte``: the transport's processor time per byte of a bf16 sum. A sum costs per
+    element as well as per byte (gloo adds bf16 element by element at nearly fp32's cost), so half
+    the bytes do not take half the time; 0: as ``cpu_s_per_byte``."""
 
     alpha_s: float
     bytes_per_s: float
     cpu_s_per_byte: float = 0.0
     burst_bytes: float = 0.0
+    cpu_s_per_call: float = 0.0
+    cpu_s_per_bf16_byte: float = 0.0
 
     def time(self, steps: int, elements: float, itemsize: int) -> float:
         return steps * self.alpha_s + elements * itemsize / self.bytes_per_s
+
+    def transport_s(self, sent: float, bf16_sums: float = 0.0) -> float:
+        """Processor seconds of the transport for ``sent`` bytes per worker, ``bf16_sums`` of
+        them in bf16 sums (every worker receives about what it sends)."""
+        bf16 = self.cpu_s_per_bf16_byte or self.cpu_s_per_byte
+        return 2 * (self.cpu_s_per_byte * (sent - bf16_sums) + bf16 * bf16_sums)
 
 
 def tbf_burst(rate: str) -> int:
@@ -338,8 +355,10 @@ def _time_head(head: Sequence[nn.Linear], timer: _Timer, batch: int) -> list[tup
     return rates
 
 
-def _time_cast(timer: _Timer, n: int = 1 << 22) -> float:
-    """Seconds per element of a bf16 sum's own work: ``g.to(bf16).div_(K)``, then ``g.copy_(sum)``."""
+def _time_cast(timer: _Timer, n: int = DDP_BUCKET_BYTES // GRAD_ITEMSIZE) -> float:
+    """Seconds per element of a bf16 sum's own work: ``g.to(bf16).div_(K)``, then ``g.copy_(sum)``,
+    on a DDP bucket's worth (per element, a buffer that fits the cache is 2-3x cheaper on a CPU;
+    a small trunk partition costs little either way)."""
     g = torch.randn(n, device=timer.device)
     for _ in range(timer.warmup):
         g.copy_(g.to(torch.bfloat16).div_(2))
@@ -368,18 +387,26 @@ class _Timeline:
     while the link is idle shortens the next transfers."""
 
     burst_s: float = 0.0
+    call_s: float = 0.0  # Link.cpu_s_per_call
     cpu: float = 0.0
     link: float = 0.0
     compute: float = 0.0
     comm: float = 0.0
     tokens: float = 0.0
+    calls: int = 0
     inflight: list[float] = field(default_factory=list)
+
+    @classmethod
+    def on(cls, link: Link) -> _Timeline:
+        return cls(link.burst_bytes / link.bytes_per_s, link.cpu_s_per_call)
 
     def run(self, seconds: float) -> None:
         self.cpu += seconds
         self.compute += seconds
 
     def issue(self, seconds: float) -> float:
+        self.cpu += self.call_s  # issuing it takes the processor first
+        self.calls += 1
         if self.cpu > self.link:  # the link stood idle since its last transfer: the bucket fills
             self.tokens = min(self.burst_s, self.tokens + self.cpu - self.link)
         credit = min(self.tokens, seconds)
@@ -387,6 +414,11 @@ class _Timeline:
         self.link = max(self.cpu, self.link) + seconds - credit
         self.comm += seconds - credit
         return self.link
+
+    def aside(self, seconds: float) -> None:
+        """A small blocking collective on a group whose link is otherwise idle: its latency only."""
+        self.cpu += self.call_s + seconds
+        self.calls += 1
 
     def wait(self, done: float) -> None:
         self.cpu = max(self.cpu, done)
@@ -401,6 +433,7 @@ class StepTime:
     compute_s: float  # processor busy time (forward, backward, optimizer)
     comm_s: float  # link busy time (all collectives, alpha included)
     bytes_sent: int  # per worker (rank 0), all collectives
+    calls: float = 0  # collectives worker 0 issues per step (the ledger's entries)
 
     @property
     def exposed_s(self) -> float:
@@ -492,6 +525,7 @@ def step_time(
     micro_batches: int = 1,
     grad_itemsize: int = GRAD_ITEMSIZE,
     defer_wgrad: bool = True,
+    comm_itemsize: int | None = None,
 ) -> StepTime:
     """Predicted time of one training step with ``K`` workers, ``b`` images each.
 
@@ -505,7 +539,9 @@ def step_time(
     (DDP: all) gradient sums travel in bf16. ``defer_wgrad`` (the default, as
     ``parallel.defer_wgrad``): the head's weight gradients are computed after the trunk's backward,
     while its sums travel; the backward of a head product then holds only its input gradient,
-    timed as its forward; False: autograd's order."""
+    timed as its forward; False: autograd's order. ``comm_itemsize=2`` (``parallel.comm_dtype=bf16``):
+    the features' move and its gradients travel in bf16, the head's other moves as the profile's
+    activations."""
     G = fc_group_size or K
     if K % G:
         raise ValueError(f"fc_group_size {G} must divide the number of workers {K}")
@@ -515,19 +551,21 @@ def step_time(
         raise ValueError("chunk_trunk runs with schemes b and c, micro_batches with scheme a")
     if scheme == "ddp":
         tl, sent, done, n_opt = _ddp_step(profile, link, K, b, grad_itemsize)
+        bf16_sums = sent if grad_itemsize == 2 else 0
     else:
         styles = choose_styles(list(profile.head), G, plan)
         # defer as the code: at K = 1 there is nothing to hide the weight gradients behind.
-        step = _HybridStep(profile, link, K, b, G, styles, overlap, grad_itemsize, defer_wgrad and K > 1)
+        step = _HybridStep(profile, link, K, b, G, styles, overlap, grad_itemsize, defer_wgrad and K > 1, comm_itemsize)
         if K > 1 and (trunk_sync == "pipelined" or chunk_trunk or micro_batches > 1):
             rounds = scheme_rounds(scheme, b, G, micro_batches) if chunk_trunk or micro_batches > 1 else None
             return step.steady(scheme, trunk_sync == "pipelined", rounds, bucket_cap)
         tl, sent, done, n_opt = step.run(scheme, bucket_cap)
+        bf16_sums = step.bf16_sums
     for t in done:
         tl.wait(t)
     tl.run(n_opt * profile.opt_s_per_param)
-    transport = link.cpu_s_per_byte * 2 * sent  # every worker receives about what it sends
-    return StepTime(max(tl.cpu, tl.compute + transport), tl.compute, tl.comm, int(sent))
+    floor = tl.compute + tl.calls * tl.call_s + link.transport_s(sent, bf16_sums)
+    return StepTime(max(tl.cpu, floor), tl.compute, tl.comm, int(sent), tl.calls)
 
 
 def _ddp_step(
@@ -535,7 +573,7 @@ def _ddp_step(
 ) -> tuple[_Timeline, int, list[float], int]:
     """DDP: forward; backward with each 25 MB bucket's all-reduce issued when its gradients are in
     (``itemsize`` 2: torch's bf16 compression hook, the buckets cut by their fp32 size)."""
-    tl, widths = _Timeline(link.burst_bytes / link.bytes_per_s), list(profile.head)
+    tl, widths = _Timeline.on(link), list(profile.head)
     tl.run(sum(profile.trunk_s(b)) + sum(2.0 * b * i * o for i, o in widths) / profile.fc_rate(b, False))
     head_bwd = [(4.0 * b * i * o / profile.fc_rate(b, True), (i * o, o)) for i, o in reversed(widths)]
     trunk_bwd = [(t, s.params) for t, s in zip(reversed(profile.trunk_s(b, True)), reversed(profile.trunk))]
@@ -579,11 +617,14 @@ class _HybridStep:
         overlap: bool,
         grad_itemsize: int,
         defer: bool,
+        comm_itemsize: int | None = None,
     ):
         self.profile, self.link, self.K, self.b, self.G = profile, link, K, b, G
         self.styles, self.overlap, self.gi = styles, overlap, grad_itemsize  # gi: the trunk's sums
         self.widths = list(profile.head)
-        self.tl, self.sent = _Timeline(link.burst_bytes / link.bytes_per_s), 0
+        self.tl, self.sent, self.bf16_sums = _Timeline.on(link), 0, 0
+        self.program = _head_program(self.widths, styles)
+        self.comm_itemsize = comm_itemsize or profile.itemsize
         self.defer, self.deferred = defer, {}  # deferred: rows of each Linear's weight gradient not yet made
 
     def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
@@ -610,8 +651,12 @@ class _HybridStep:
         if self.defer:
             sum_shards()  # once the deferred weight gradients exist
         done += fc_sync
-        self.sent += allreduce_bytes(trunk_bucket_numels(self.profile.trunk_params, bucket_cap), K, 0, self.gi)
+        self.add_trunk_sums(allreduce_bytes(trunk_bucket_numels(self.profile.trunk_params, bucket_cap), K, 0, self.gi))
         return tl, self.sent, done, sum(self.profile.trunk_params) + shard
+
+    def add_trunk_sums(self, nbytes: int) -> None:
+        self.sent += nbytes
+        self.bf16_sums += nbytes if self.gi == 2 else 0
 
     def agree(self, queued: bool = True) -> None:
         """The batch-shape agreement; ``queued=False``: on a group whose link is otherwise idle
@@ -621,11 +666,11 @@ class _HybridStep:
             if queued:
                 self.tl.blocking(seconds)
             else:
-                self.tl.cpu += seconds
+                self.tl.aside(seconds)
             self.sent += (self.G - 1) * AGREE_BYTES_PER_PEER
 
     def head(self, scheme: str) -> None:
-        program = _head_program(self.widths, self.styles)
+        program = self.program
         if scheme == "a" or self.G == 1:
             self.head_pass([self.b] * self.G, program, False)
             self.head_pass([self.b] * self.G, program, True)
@@ -652,7 +697,7 @@ class _HybridStep:
         starts = []
         for _ in range(steps):
             starts.append(tl.cpu)
-            self.sent = 0
+            self.sent = self.bf16_sums = 0
             self.agree(queued=not pipelined)
             if chunks is not None:
                 issued = self.chunked_rounds(chunks, done, layout, bucket_cap)
@@ -667,15 +712,16 @@ class _HybridStep:
             done = issued
             opt = head_shard_params(self.widths, self.styles, self.G, 0) + (0 if layout else sum(prof.trunk_params))
             tl.run(opt * prof.opt_s_per_param)
-        self.sent += (
-            allreduce_bytes(layout.sizes, self.K, 0, self.gi) + (self.K - 1) * AGREE_ITEMSIZE
-            if layout
-            else allreduce_bytes(trunk_bucket_numels(prof.trunk_params, bucket_cap), self.K, 0, self.gi)
-        )
+        if layout:
+            self.add_trunk_sums(allreduce_bytes(layout.sizes, self.K, 0, self.gi))
+            self.sent += (self.K - 1) * AGREE_ITEMSIZE
+        else:
+            self.add_trunk_sums(allreduce_bytes(trunk_bucket_numels(prof.trunk_params, bucket_cap), self.K, 0, self.gi))
         period = starts[-1] - starts[-2]
-        transport = self.link.cpu_s_per_byte * 2 * self.sent
         compute, comm = tl.compute / steps, tl.comm / steps
-        return StepTime(max(period, compute + transport), compute, comm, int(self.sent))
+        calls = tl.calls / steps
+        floor = compute + calls * tl.call_s + self.link.transport_s(self.sent, self.bf16_sums)
+        return StepTime(max(period, floor), compute, comm, int(self.sent), calls)
 
     def trunk_forward(self, rows: float, done: Sequence[float], layout: _Partitions | None) -> None:
         """The trunk's forward on ``rows`` images; pipelined (``layout``), each stage waits for its
@@ -704,7 +750,7 @@ class _HybridStep:
             while k < len(order) and layout.stage[order[k]] >= s and sum(t > tl.cpu for t in issued) < WINDOW:
                 issued[order[k]] = _issue_sum(tl, link, layout.sizes[order[k]], K, self.gi, cast)
                 k += 1
-        tl.cpu += link.time(K - 1, 1, AGREE_ITEMSIZE)  # the agreement, on the idle world group
+        tl.aside(link.time(K - 1, 1, AGREE_ITEMSIZE))  # the agreement, on the idle world group
         rest = sorted(order[k:]) + ([] if layout.held is None else [layout.held])
         for j in rest:  # forward order, the held-back deepest partition last
             issued[j] = _issue_sum(tl, link, layout.sizes[j], K, self.gi, cast)
@@ -716,7 +762,7 @@ class _HybridStep:
         """The trunk chunk by chunk (``rounds._train_chunked``), seen from the last worker (in (b)
         its one chunk is the last round's: it sets the pace)."""
         tl, R = self.tl, len(rounds)
-        program = _head_program(self.widths, self.styles)
+        program = self.program
         pending, returns = {}, {}
         for j, betas in enumerate(rounds):
             self.trunk_forward(betas[-1], done if j == 0 else [], layout if j == 0 else None)
@@ -757,8 +803,10 @@ class _HybridStep:
         self.deferred = {}
 
     def move(self, op: tuple, betas: Sequence[int], backward: bool) -> float:
-        seconds, elements = _move_time(self.link, op[1], op[2], betas, self.profile.itemsize, backward)
-        self.sent += elements * self.profile.itemsize
+        # parallel.comm_dtype casts the features' move (the head's first) and its gradients only.
+        itemsize = self.comm_itemsize if op is self.program[0] else self.profile.itemsize
+        seconds, elements = _move_time(self.link, op[1], op[2], betas, itemsize, backward)
+        self.sent += elements * itemsize
         return seconds
 
     def head_pass(self, betas: Sequence[int], body: Sequence[tuple], backward: bool) -> None:
@@ -831,7 +879,12 @@ def _load(args) -> tuple[Profile, Link]:
         prof = Profile.from_json(f.read())
     if args.speed != 1.0:
         prof = prof.scaled(args.speed)
-    return prof, Link(args.alpha_us * 1e-6, parse_rate(args.rate) * args.efficiency, args.cpu_ns_per_byte * 1e-9)
+    return prof, Link(
+        args.alpha_us * 1e-6,
+        parse_rate(args.rate) * args.efficiency,
+        args.cpu_ns_per_byte * 1e-9,
+        cpu_s_per_call=args.cpu_us_per_call * 1e-6,
+    )
 
 
 def _cmd_predict(args) -> None:
@@ -887,6 +940,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         q.add_argument("--efficiency", type=float, default=1.0, help="fraction of the rate that carries payload")
         q.add_argument(
             "--cpu-ns-per-byte", type=float, default=0.0, help="processor time of the transport per byte moved"
+        )
+        q.add_argument(
+            "--cpu-us-per-call", type=float, default=0.0, help="processor time of issuing one collective, microseconds"
         )
         q.add_argument("--speed", type=float, default=1.0, help="device speed relative to the profile's")
         q.add_argument("--batch", type=int, default=128)

@@ -156,6 +156,67 @@ def test_transport_processor_time_bounds_the_step():
     assert t1.step_s > t0.step_s
 
 
+def test_bf16_sums_cost_the_transport_their_own_rate_per_byte():
+    """A bf16 sum's bytes take ``cpu_s_per_bf16_byte`` of the processor each, every other byte
+    ``cpu_s_per_byte``: DDP's bf16 hook (all its bytes are sums), the hybrid's bf16 trunk sums."""
+    prof, K, b = _toy_profile(), 2, 4
+    link = cm.Link(1e-6, 1e12, cpu_s_per_byte=1e-6, cpu_s_per_bf16_byte=3e-6)
+    t = cm.step_time(prof, link, "ddp", K, b, grad_itemsize=2)
+    assert t.step_s == pytest.approx(t.compute_s + 2 * t.bytes_sent * 3e-6)
+    for sync in ("bucketed", "pipelined"):
+        t = cm.step_time(prof, link, "a", K, b, grad_itemsize=2, trunk_sync=sync)
+        sums = ddp_step_bytes(sum(prof.trunk_params), K) // 2  # the trunk's, one bucket or partition here
+        assert t.step_s == pytest.approx(t.compute_s + 2 * (1e-6 * (t.bytes_sent - sums) + 3e-6 * sums)), sync
+    # Unmeasured (0): a bf16 byte costs what an fp32 one does.
+    same = cm.Link(1e-6, 1e12, cpu_s_per_byte=1e-6)
+    t = cm.step_time(prof, same, "ddp", K, b, grad_itemsize=2)
+    assert t.step_s == pytest.approx(t.compute_s + 2 * t.bytes_sent * 1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["a", "b", "c"])
+def test_each_collective_costs_its_issuer_the_call_time(scheme):
+    """On a free link every collective issued delays the issuing thread by ``cpu_s_per_call``:
+    the step is its compute + calls × that, bucketed, pipelined and round by round."""
+    prof, K, b, call = _toy_profile(), 3, 6, 1e-3
+    chunks = {"micro_batches": 3} if scheme == "a" else {"chunk_trunk": True}
+    for kw in ({}, {"trunk_sync": "pipelined"}, chunks):
+        free = cm.step_time(prof, cm.Link(0.0, float("inf")), scheme, K, b, **kw)
+        busy = cm.step_time(prof, cm.Link(0.0, float("inf"), cpu_s_per_call=call), scheme, K, b, **kw)
+        assert busy.calls == free.calls > 0
+        assert busy.step_s == pytest.approx(free.compute_s + busy.calls * call), kw
+        assert busy.compute_s == pytest.approx(free.compute_s)
+
+
+def _collectives_worker(comm, case: Case, kw: dict):
+    hybrid = HybridModel(case.model(), comm, plan=case.plan, **kw)
+    opt = torch.optim.SGD(hybrid.parameters(), lr=0.01)
+    x, y = case.batches()[0]
+    lo, hi = comm.rank * case.local_batch, (comm.rank + 1) * case.local_batch
+    for _ in range(2):  # the second step: a pipelined trunk's sums span the step boundary
+        comm.ledger.reset()
+        hybrid.train_step(x[lo:hi], y[lo:hi], scheme=case.scheme, optimizer=opt)
+    return len(comm.ledger.entries), comm.ledger.sent
+
+
+@pytest.mark.parametrize("scheme", ["a", "b", "c"])
+@pytest.mark.parametrize("K", [2, 3])
+def test_the_model_issues_the_collectives_and_bytes_the_code_does(K, scheme):
+    """Per step, worker 0: as many collectives as the ledger has entries (each costs the processor
+    ``cpu_s_per_call``) and as many bytes, for every trunk variant and bf16 features."""
+    case = Case(K, local_batch=6, scheme=scheme)
+    prof = cm.measure_profile(case.model(), case.image_size, case.local_batch, reps=1, warmup=0)
+    chunks = ({"micro_batches": 3}, {"micro_batches": 3}) if scheme == "a" else ({"chunk_trunk": True},) * 2
+    for code_kw, model_kw in (
+        ({}, {}),
+        ({"trunk_sync": "pipelined"}, {"trunk_sync": "pipelined"}),
+        chunks,
+        ({"comm_dtype": torch.bfloat16}, {"comm_itemsize": 2}),
+    ):
+        calls, sent = run_emulated(K, _collectives_worker, case, code_kw)[0]
+        t = cm.step_time(prof, cm.Link(1e-4, 1e8), scheme, K, case.local_batch, **model_kw)
+        assert (t.calls, t.bytes_sent) == (calls, sent), code_kw
+
+
 def test_fc_rate_interpolates_and_clamps():
     prof = _toy_profile(fc_rates=((2, 1.0, 10.0), (8, 3.0, 30.0)))
     assert prof.fc_rate(1, False) == 1.0 and prof.fc_rate(100, True) == 30.0

@@ -166,9 +166,11 @@ def calibrate_link(comm: DistCommunicator, workers_on_machine: int, reps: int = 
     and the processor time the transport takes: per byte of an fp32 and of a bf16 sum, and per
     collective issued through the communicator."""
 
-    cpu = []
+    busy = []
     # The whole machine's busy time counts (the kernel's TCP work runs outside the process, e.g.
     # in softirq), shared by the workers on it; with one worker per core that is what it steals.
+    # /proc/stat counts in clock ticks (10 ms here): busy times are summed over the repetitions,
+    # never taken per repetition, where one tick is most of what a 100 Mbit/s transfer costs.
     share = workers_on_machine if PROC_STAT else 1
 
     def timed(n: int, dtype: torch.dtype = torch.float32) -> float:
@@ -178,7 +180,7 @@ def calibrate_link(comm: DistCommunicator, workers_on_machine: int, reps: int = 
             t0, c0 = time.perf_counter(), busy_cpu_s()
             dist.all_reduce(x)
             ts.append(time.perf_counter() - t0)
-            cpu.append((busy_cpu_s() - c0) / n)  # processor seconds per element
+            busy.append(busy_cpu_s() - c0)
         return statistics.median(ts)
 
     K = dist.get_world_size()
@@ -192,15 +194,16 @@ def calibrate_link(comm: DistCommunicator, workers_on_machine: int, reps: int = 
     elements = max(allreduce_bytes(n, K, r, 1) for r in range(K))
     per_byte = {}
     for dtype in (torch.float32, torch.bfloat16):
-        cpu.clear()
+        busy.clear()
         t = timed(n, dtype)
         if dtype == torch.float32:
             bw = elements * 4 / max(t - steps * alpha, 1e-9)
         # Per byte moved (sent + received: 2 × elements × itemsize per worker).
-        per_byte[dtype] = statistics.median(cpu) * n / (2 * elements * dtype.itemsize) / share
+        per_byte[dtype] = sum(busy) / (reps * 2 * elements * dtype.itemsize) / share
     # Per collective: small moves through the communicator, as the step issues its head's moves
-    # (its bookkeeping, gloo's wake-ups; 1 kB each, so the bytes cost nothing).
-    x, calls = torch.zeros(256), 50
+    # (its bookkeeping, gloo's wake-ups; 1 kB each, so the bytes cost nothing); enough of them
+    # that the clock's ticks resolve the time of one to a few percent.
+    x, calls = torch.zeros(256), 200
     comm.all_gather(x, 0, [256] * K, "calibrate")
     dist.barrier()
     c0 = busy_cpu_s()

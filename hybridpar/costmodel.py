@@ -31,9 +31,9 @@ order each scheme issues its work (:func:`step_time`):
 
 The processor also pays for the transport where they share cores (``Link.cpu_s_per_byte``, more
 per byte for bf16 sums) and for issuing each collective (``Link.cpu_s_per_call``, on the timeline
-of the thread that issues it): the step is at least compute + those. The model has no fitted constants: alpha, the bandwidth and the
-transport's processor time are measured on the link (``bench/schemes.py`` does this before the
-runs it predicts), compute on the device.
+of the thread that issues it): the step is at least compute + those. The model has no fitted
+constants: alpha, the bandwidth and the transport's processor time are measured on the link
+(``bench/schemes.py`` does this before the runs it predicts), compute on the device.
 """
 
 from __future__ import annotations

@@ -97,9 +97,9 @@ def repredict(records: list[dict]) -> None:
             rec["alpha_s"],
             rec["bytes_per_s"],
             rec["cpu_s_per_byte"],
-            costmodel.tbf_burst(rec["rate"]),
-            rec.get("cpu_s_per_call", 0.0),  # 0 where a record predates their measurement
-            rec.get("cpu_s_per_bf16_byte", 0.0),
+            burst_bytes=costmodel.tbf_burst(rec["rate"]),
+            cpu_s_per_call=rec.get("cpu_s_per_call", 0.0),  # 0 where a record predates their measurement
+            cpu_s_per_bf16_byte=rec.get("cpu_s_per_bf16_byte", 0.0),
         )
         for r in rec["rows"]:
             r["predicted"] = predict(prof, link, r["scheme"], rec["K"], rec["batch"])
@@ -237,7 +237,13 @@ def plot(records: list[dict], path: Path) -> None:
             scheme, variant = parse(label)
             if variant in ("bucketed", "pipelined", ""):  # the model's lines for the exact ones and plain DDP
                 model = [
-                    predict(prof, costmodel.Link(alpha, r / 8 * eff, cpu, 0.0, call, bf16), label, recs[0]["K"], b)
+                    predict(
+                        prof,
+                        costmodel.Link(alpha, r / 8 * eff, cpu, cpu_s_per_call=call, cpu_s_per_bf16_byte=bf16),
+                        label,
+                        recs[0]["K"],
+                        b,
+                    )
                     for r in rates
                 ]
                 ls = "-" if variant != "pipelined" else "--"

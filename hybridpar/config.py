@@ -150,9 +150,8 @@ class ParallelConfig:
     plan: Any = "min_bytes"  # min_bytes | paper | [col/row, ...]
     timeout_s: float = 600.0
     peer_timeout_s: Any = 30.0  # a silent peer (host frozen, link down) ends the run in this time; null: off
-    move_piece_mb: Any = (
-        MOVE_PIECE_BYTES / 2**20
-    )  # gloo: a move larger than this per peer travels in pieces of this size; null: whole
+    # gloo: a move larger than this per peer travels in pieces of this size; null: whole
+    move_piece_mb: Any = MOVE_PIECE_BYTES / 2**20
 
 
 @dataclass

@@ -196,11 +196,12 @@ class Link:
     def time(self, steps: int, elements: float, itemsize: int) -> float:
         return steps * self.alpha_s + elements * itemsize / self.bytes_per_s
 
-    def transport_s(self, sent: float, bf16_sums: float = 0.0) -> float:
-        """Processor seconds of the transport for ``sent`` bytes per worker, ``bf16_sums`` of
-        them in bf16 sums (every worker receives about what it sends)."""
+    def transport_s(self, sent: float, bf16_sums: float = 0.0, calls: float = 0) -> float:
+        """Processor seconds the communication takes from compute: ``sent`` bytes per worker,
+        ``bf16_sums`` of them in bf16 sums (every worker receives about what it sends), in
+        ``calls`` collectives."""
         bf16 = self.cpu_s_per_bf16_byte or self.cpu_s_per_byte
-        return 2 * (self.cpu_s_per_byte * (sent - bf16_sums) + bf16 * bf16_sums)
+        return 2 * (self.cpu_s_per_byte * (sent - bf16_sums) + bf16 * bf16_sums) + calls * self.cpu_s_per_call
 
 
 def tbf_burst(rate: str) -> int:
@@ -564,7 +565,7 @@ def step_time(
     for t in done:
         tl.wait(t)
     tl.run(n_opt * profile.opt_s_per_param)
-    floor = tl.compute + tl.calls * tl.call_s + link.transport_s(sent, bf16_sums)
+    floor = tl.compute + link.transport_s(sent, bf16_sums, tl.calls)
     return StepTime(max(tl.cpu, floor), tl.compute, tl.comm, int(sent), tl.calls)
 
 
@@ -720,7 +721,7 @@ class _HybridStep:
         period = starts[-1] - starts[-2]
         compute, comm = tl.compute / steps, tl.comm / steps
         calls = tl.calls / steps
-        floor = compute + calls * tl.call_s + self.link.transport_s(self.sent, self.bf16_sums)
+        floor = compute + self.link.transport_s(self.sent, self.bf16_sums, calls)
         return StepTime(max(period, floor), compute, comm, int(self.sent), calls)
 
     def trunk_forward(self, rows: float, done: Sequence[float], layout: _Partitions | None) -> None:

@@ -185,6 +185,9 @@ def test_each_collective_costs_its_issuer_the_call_time(scheme):
         assert busy.calls == free.calls > 0
         assert busy.step_s == pytest.approx(free.compute_s + busy.calls * call), kw
         assert busy.compute_s == pytest.approx(free.compute_s)
+        # With the transport's bytes on the processor too, the step is at least both on top of compute.
+        both = cm.step_time(prof, cm.Link(0.0, float("inf"), 1e-6, cpu_s_per_call=call), scheme, K, b, **kw)
+        assert both.step_s == pytest.approx(free.compute_s + both.calls * call + 2 * both.bytes_sent * 1e-6), kw
 
 
 def _collectives_worker(comm, case: Case, kw: dict):

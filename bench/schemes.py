@@ -87,16 +87,20 @@ def run(
     x, y = torch.randn(b, 3, 224, 224, generator=g), torch.randint(0, 1000, (b,), generator=g)
     step_s, comm_s = [], []
     link0 = link_bytes()
+    dist.barrier()
+    t0 = time.perf_counter()
     for i in range(warmup + steps):
-        dist.barrier()
+        # Back to back, as a training loop runs them: a step is the time from the end of the one
+        # before (a barrier per step would leave out what it waits for: sums still in flight).
         comm.ledger.reset()
-        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         model.train_step(x, y, scheme=scheme, optimizer=opt)
         opt.step()
+        t1 = time.perf_counter()
         if i >= warmup:
-            step_s.append(time.perf_counter() - t0)
+            step_s.append(t1 - t0)
             comm_s.append(comm.ledger.seconds)
+        t0 = t1
     wire = (link_bytes() - link0) / (warmup + steps) if link0 is not None else None
     comm.piece_bytes = pieces
     return {
@@ -125,14 +129,16 @@ def run_ddp(comm, b: int, steps: int, warmup: int, hook: str = "") -> dict[str, 
     x, y = torch.randn(b, 3, 224, 224, generator=g), torch.randint(0, 1000, (b,), generator=g)
     step_s = []
     link0 = link_bytes()  # after DDP's initial broadcast of the parameters
-    for i in range(warmup + steps):
-        dist.barrier()
-        t0 = time.perf_counter()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for i in range(warmup + steps):  # back to back, as in run()
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        t1 = time.perf_counter()
         if i >= warmup:
-            step_s.append(time.perf_counter() - t0)
+            step_s.append(t1 - t0)
+        t0 = t1
     n = sum(p.numel() for p in model.parameters())
     wire = (link_bytes() - link0) / (warmup + steps) if link0 is not None else None
     return {"step": statistics.median(step_s), "bytes": ddp_step_bytes(n, comm.world_size, comm.rank), "wire": wire}

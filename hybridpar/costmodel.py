@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from hybridpar.comm.base import AGREE_ITEMSIZE, AGREE_WIDTH, even_split
+from hybridpar.comm.base import AGREE_ITEMSIZE, even_split
 from hybridpar.models.split import split_model
 from hybridpar.parallel.cost import AGREE_BYTES_PER_PEER, allreduce_bytes, allreduce_steps, head_shard_params
 from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, bucket_sizes, trunk_bucket_numels
@@ -416,9 +416,11 @@ class _Timeline:
         self.comm += seconds - credit
         return self.link
 
-    def aside(self, seconds: float) -> None:
-        """A small blocking collective on a group whose link is otherwise idle: its latency only."""
-        self.cpu += self.call_s + seconds
+    def post(self) -> None:
+        """A tiny collective issued now and waited for only once it is long in (the batch-shape
+        agreement, waited for after the trunk's forward; the pipelined trunk's proposals, a step
+        later): the processor's call time only."""
+        self.cpu += self.call_s
         self.calls += 1
 
     def wait(self, done: float) -> None:
@@ -659,15 +661,11 @@ class _HybridStep:
         self.sent += nbytes
         self.bf16_sums += nbytes if self.gi == 2 else 0
 
-    def agree(self, queued: bool = True) -> None:
-        """The batch-shape agreement; ``queued=False``: on a group whose link is otherwise idle
-        (the pipelined trunk's sums travel on their own), so it costs its latency only."""
+    def agree(self) -> None:
+        """The batch-shape agreement: issued at the step's start, waited for before the head's
+        first move, long in by then (``Communicator.agree_async``)."""
         if self.G > 1:
-            seconds = self.link.time(self.G - 1, AGREE_WIDTH, AGREE_ITEMSIZE)
-            if queued:
-                self.tl.blocking(seconds)
-            else:
-                self.tl.aside(seconds)
+            self.tl.post()
             self.sent += (self.G - 1) * AGREE_BYTES_PER_PEER
 
     def head(self, scheme: str) -> None:
@@ -686,7 +684,8 @@ class _HybridStep:
 
         Pipelined: before each trunk stage runs, its partitions of the previous step's sums must be
         in (and its update applied); during the backward, partitions are issued deepest first as
-        they are ready, at most ``WINDOW`` unfinished; at its end the rest go out in forward order.
+        they are ready, at most ``WINDOW`` unfinished (the steady state of the code's cap: what the link
+        finished during a backward, plus the window); at its end the rest go out in forward order.
         Chunked: round j's rows go through the trunk and leave; after all chunks, round j's head
         runs, its gradients return, and chunk j-1's trunk backward runs meanwhile; only the last
         chunk's backward issues the sums."""
@@ -699,7 +698,7 @@ class _HybridStep:
         for _ in range(steps):
             starts.append(tl.cpu)
             self.sent = self.bf16_sums = 0
-            self.agree(queued=not pipelined)
+            self.agree()
             if chunks is not None:
                 issued = self.chunked_rounds(chunks, done, layout, bucket_cap)
             else:
@@ -751,10 +750,10 @@ class _HybridStep:
             while k < len(order) and layout.stage[order[k]] >= s and sum(t > tl.cpu for t in issued) < WINDOW:
                 issued[order[k]] = _issue_sum(tl, link, layout.sizes[order[k]], K, self.gi, cast)
                 k += 1
-        tl.aside(link.time(K - 1, 1, AGREE_ITEMSIZE))  # the agreement, on the idle world group
         rest = sorted(order[k:]) + ([] if layout.held is None else [layout.held])
         for j in rest:  # forward order, the held-back deepest partition last
             issued[j] = _issue_sum(tl, link, layout.sizes[j], K, self.gi, cast)
+        tl.post()  # the proposal of a later step's cap (its count of sums done during the backward)
         return issued
 
     def chunked_rounds(

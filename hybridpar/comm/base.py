@@ -138,8 +138,18 @@ class Communicator(ABC):
         Costs one tiny all-gather; every worker raises the same :class:`BatchMismatchError` on a
         mismatch, so no worker is left waiting in a later collective whose shapes disagree.
         """
-        if self.world_size == 1:
-            return  # nothing to compare (and no collective: on a GPU it would cost a host sync)
+        self.agree_async(what, values).wait()
+
+    def agree_async(self, what: str, values: Sequence[int]) -> Agreement:
+        """:meth:`agree` issued now and checked at ``wait()``: the worker computes while it travels.
+
+        On a link that other traffic keeps busy (the pipelined trunk's sums) a tiny blocking
+        collective waits behind that traffic's queue — tens of ms at 100 Mbit/s — so the step
+        issues its batch-shape check at its start and waits for it only before its first collective
+        whose shapes depend on it (the head's first move), after the trunk's forward.
+        """
+        if self.world_size == 1:  # nothing to compare (and no collective: on a GPU it would cost a host sync)
+            return Agreement(None, what, lambda rows: None)
         t = torch.tensor([len(values), *values], dtype=torch.int64)
         # A length prefix plus fixed padding keeps the message the same shape on every worker
         # even when the tuples differ in length.
@@ -149,11 +159,16 @@ class Communicator(ABC):
         t = torch.nn.functional.pad(t, (0, width - t.numel()), value=-1)
         e = t.element_size()
         self.ledger.record("agree", what, (self.world_size - 1) * width * e, (self.world_size - 1) * width * e)
-        rows = self._timed(self._gather_ints, t)
-        seen = [tuple(int(v) for v in r[1 : 1 + int(r[0])]) for r in rows]
-        if any(s != seen[0] for s in seen):
-            listing = ", ".join(f"worker {i}: {s}" for i, s in enumerate(seen))
-            raise BatchMismatchError(f"workers disagree on {what} ({listing}); every worker must use the same {what}")
+
+        def check(rows):
+            seen = [tuple(int(v) for v in r[1 : 1 + int(r[0])]) for r in rows]
+            if any(s != seen[0] for s in seen):
+                listing = ", ".join(f"worker {i}: {s}" for i, s in enumerate(seen))
+                raise BatchMismatchError(
+                    f"workers disagree on {what} ({listing}); every worker must use the same {what}"
+                )
+
+        return Agreement(Handle(self, self._gather_ints_async(t)), what, check)
 
     def all_finite(self, finite: bool, what: str = "nonfinite_check") -> bool:
         """Whether ``finite`` holds on every worker (e.g. its loss is finite). One tiny all-gather;
@@ -173,12 +188,16 @@ class Communicator(ABC):
 
     def max_int(self, value: int, what: str) -> int:
         """The largest ``value`` over the workers (one tiny all-gather; every worker gets it)."""
+        return self.max_int_async(value, what).wait()
+
+    def max_int_async(self, value: int, what: str) -> Agreement:
+        """:meth:`max_int` issued now; ``wait()`` gives the largest value."""
         if self.world_size == 1:
-            return value
+            return Agreement(None, what, lambda rows: value)
         t = torch.tensor([value], dtype=torch.int64)
         e = t.element_size()
         self.ledger.record("agree", what, (self.world_size - 1) * e, (self.world_size - 1) * e)
-        return max(int(r[0]) for r in self._timed(self._gather_ints, t))
+        return Agreement(Handle(self, self._gather_ints_async(t)), what, lambda rows: max(int(r[0]) for r in rows))
 
     def gather_objects(self, obj: object) -> list:
         """Every worker's picklable ``obj``, in rank order (setup-time control messages, e.g. errors).
@@ -251,6 +270,10 @@ class Communicator(ABC):
     def _gather_ints(self, t: torch.Tensor) -> list[torch.Tensor]:
         """All workers' copies of a small CPU int64 tensor, in rank order."""
 
+    @abstractmethod
+    def _gather_ints_async(self, t: torch.Tensor):
+        """:meth:`_gather_ints` returning at once, as the other async backends do."""
+
 
 class Handle:
     """An operation in flight. ``wait()`` blocks until its result is ready and returns it; the
@@ -269,4 +292,24 @@ class Handle:
         if not self._done:
             self._result = self._comm._timed(self._finish, what=self._what)
             self._done, self._finish = True, None
+        return self._result
+
+
+class Agreement:
+    """A small agreement in flight (:meth:`Communicator.agree_async`, :meth:`~Communicator.max_int_async`):
+    ``wait()`` blocks until every worker's values are in, then checks or reduces them (raising the
+    same error on every worker). Waited for once; later calls return the same result."""
+
+    def __init__(self, handle: Handle | None, what: str, read):
+        self._handle, self.what, self._read = handle, what, read
+        self._done, self._result = False, None
+
+    def ready(self) -> bool:
+        return self._done or self._handle is None or self._handle.ready()
+
+    def wait(self):
+        if not self._done:
+            rows = self._handle.wait() if self._handle is not None else None
+            self._done = True  # a mismatch raises on every call after the first too
+            self._result = self._read(rows)
         return self._result

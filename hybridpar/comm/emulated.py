@@ -114,6 +114,9 @@ class EmulatedCommunicator(Communicator):
     def _gather_ints(self, t):
         return self.world.exchange(self.rank, t, lambda ts: [u.clone() for u in ts])
 
+    def _gather_ints_async(self, t):
+        return lambda: self._gather_ints(t)
+
 
 def _sum(ts: list[torch.Tensor]) -> torch.Tensor:
     # Fixed rank order: the same bits on every worker.

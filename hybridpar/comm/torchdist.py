@@ -170,12 +170,21 @@ class DistCommunicator(Communicator):
         return out
 
     def _gather_ints(self, t):
+        return self._gather_ints_async(t)()
+
+    def _gather_ints_async(self, t):
         # Metadata travels on the tensors' own device (NCCL needs CUDA tensors).
         dev = _group_device(self.group)
         t = t.to(dev)
         out = t.new_empty(self.world_size * t.numel())
-        dist.all_gather_single(out, t, group=self.group)
-        return list(out.view(self.world_size, -1).cpu())
+        work = dist.all_gather_single(out, t, group=self.group, async_op=True)
+
+        def finish():
+            work.wait()
+            return list(out.view(self.world_size, -1).cpu())
+
+        finish.ready = work.is_completed
+        return finish
 
 
 def _to_front(x: torch.Tensor, dim: int) -> torch.Tensor:

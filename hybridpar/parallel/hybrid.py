@@ -227,9 +227,12 @@ class HybridModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of this worker's own examples ``x`` (its local batch)."""
-        # Every worker must bring the same batch shape; checked by all before any activation moves.
-        self.comm.agree("local batch shape", tuple(x.shape))
-        return self.forward_head(self.forward_trunk(x))
+        # Every worker must bring the same batch shape; checked by all before any activation moves
+        # (issued now, waited for after the trunk: see Communicator.agree_async).
+        shape = self.comm.agree_async("local batch shape", tuple(x.shape))
+        h = self.forward_trunk(x)
+        shape.wait()
+        return self.forward_head(h)
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own forward up to the head's input: this worker's examples' feature vectors."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridpar.comm.base import Agreement
 from hybridpar.parallel.program import scheme_rounds
 
 
@@ -46,8 +47,9 @@ def train_rounds(model, x, y, scheme: str, fc_batch: str, optimizer, autocast) -
     micro-batches; forward and backward of every round, the trunk's backward, the trunk's
     gradient sum. Returns this worker's share of the global-mean loss and its examples' logits
     (both detached)."""
-    model.comm.agree("local batch shape", tuple(x.shape))
-    loop = _Rounds(model, scheme, x.shape[0], fc_batch, optimizer)
+    # Checked before the first move leaves (issued now: it travels while the trunk computes).
+    shape = model.comm.agree_async("local batch shape", tuple(x.shape))
+    loop = _Rounds(model, scheme, x.shape[0], fc_batch, optimizer, shape)
     if model.chunked(scheme):
         return _train_chunked(model, loop, x, y, autocast)
     first = model.first_move
@@ -97,14 +99,14 @@ def _chunk_backward(model, h: torch.Tensor, grad: torch.Tensor, last: bool) -> N
 class _Rounds:
     """The state of one step's rounds: features in flight, gradients on their way back."""
 
-    def __init__(self, model, scheme: str, local_batch: int, fc_batch: str, optimizer):
+    def __init__(self, model, scheme: str, local_batch: int, fc_batch: str, optimizer, shape: Agreement):
         self.model, self.move, self.fc_batch, self.optimizer = (
             model,
             model.program[model.first_move],
             fc_batch,
             optimizer,
         )
-        self.comm = model.comm
+        self.comm, self.shape = model.comm, shape  # shape: the batch-shape agreement, waited before any move
         self.total = model.world.world_size * local_batch  # the global batch: every group's rounds
         self.sizes = scheme_rounds(scheme, local_batch, self.comm.world_size, model.micro_batches)
         self.count = len(self.sizes)
@@ -131,6 +133,7 @@ class _Rounds:
         self.sent[j] = part.detach().to(self.model.comm_dtype or part.dtype)
 
     def _issue(self, j: int):
+        self.shape.wait()
         self.pending[j] = self.move.spec.send(self.sent[j], self.comm, self.sizes[j], self.move.tag)
 
     def _issue_next(self, j: int) -> None:

@@ -6,8 +6,9 @@ only once the last byte is in. On a slow link that wait is most of the step. Her
 
 * the trunk's gradients, flattened one after another in the order in which the trunk's graph first
   uses their parameters, are cut into small **partitions** (a parameter may span several);
-* during the backward, partitions are summed as they become ready (deepest first, as the backward
-  produces them), at most ``window`` in flight so the link is never queued far ahead;
+* during the backward, the first ``cap`` partitions of the backward order are summed as they
+  become ready (deepest first, as the backward produces them); ``cap`` is what the link carried
+  during an earlier backward plus ``window``, so the link is never queued far ahead;
 * at the end of the backward the rest go out in **forward order** — the partition the next
   forward needs first goes first, although the backward made it last (priority-based parameter
   propagation); the deepest partition is held back to go last where that costs the link nothing
@@ -20,11 +21,13 @@ only once the last byte is in. On a slow link that wait is most of the step. Her
 Exact, not stale: every parameter gets the same update from the same sums as in the serialised
 path, with the step's own hyperparameters, before anything reads it; ``flush()`` applies what is
 left (before evaluation, a checkpoint, a ``state_dict``). Collectives must be issued in the same
-order on every worker, and how many partitions a worker issued during its backward depends on its
-timing: at the end of the backward the workers agree on the largest count (one tiny all-gather
-on the world group, idle at that point) and the others catch up, so the order is one sequence.
-The sums run on a communicator of their own (its own process group: its traffic never waits
-behind the head's moves, nor they behind it).
+order on every worker, so ``cap`` may not follow one worker's timing: at the end of each backward
+every worker proposes one (how many of its sums the link finished during this backward, plus
+``window``) and the workers take the largest — a tiny all-gather issued there and waited for at
+the end of the next backward, long done by then, for the step after it. A blocking
+agreement at that point would wait behind the sums in flight on the same wire (tens of ms at
+100 Mbit/s) while the processor has work. The sums run on a communicator of their own (its own
+process group: its traffic never waits behind the head's moves, nor they behind it).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridpar.comm.base import Communicator, Handle
+from hybridpar.comm.base import Agreement, Communicator, Handle
 from hybridpar.errors import ConfigError
 
 # Partitions of 2^17 elements (512 KB of fp32): a partition in flight is what the next forward's
@@ -106,8 +109,10 @@ class PipelinedTrunkSync:
         self.window = window
         self.wire = wire  # the dtype the sums travel and are added in (None: the gradients')
         self.armed = True  # False: a backward that only accumulates (a trunk chunk before the last)
+        self._proposal: Agreement | None = None  # the workers' proposals of a later step's cap
         self.parts = partitions([p.numel() for p in self.params], cap)
         self._backward, self._held = schedule(self.parts)
+        self.cap = min(window, len(self._backward))  # partitions of the backward order issued during the backward
         self._parts_of: list[list[int]] = [[] for _ in self.params]  # the partitions each parameter spans
         for j, part in enumerate(self.parts):
             for piece in part:
@@ -163,12 +168,10 @@ class PipelinedTrunkSync:
         self._issue_ready()
 
     def _issue_ready(self) -> None:
-        while self._next < len(self._backward):
+        while self._next < self.cap:
             j = self._backward[self._next]  # deepest first
             if self._ready[j] < len(self.parts[j]):
                 return
-            if sum(1 for h in self._handles if h is not None and not h.ready()) >= self.window:
-                return  # the link is busy: what is left waits for the end of the backward
             self._issue(j)
             self._next += 1
 
@@ -185,18 +188,23 @@ class PipelinedTrunkSync:
         self._handles[j] = self.comm.all_reduce_async(flat if self.wire is None else flat.to(self.wire), self.tag)
 
     def finish(self) -> None:
-        """End of the backward: agree how far the backward order got, then issue the rest in
-        forward order. Nothing is waited for here."""
+        """End of the backward: the first ``cap`` of the backward order not yet issued, then the
+        rest in forward order; a ``cap`` proposed, and the one proposed a step ago taken (waited
+        for, but long in). No sum is waited for here."""
         if self.comm.world_size == 1:
             return
         n = len(self.parts)
-        issued = self.control.max_int(self._next, "trunk_pipeline")
-        for k in range(self._next, issued):
+        # What the link finished while this backward ran, plus the window: a proposed cap.
+        done = sum(1 for k in range(self._next) if self._handles[self._backward[k]].ready())
+        for k in range(self._next, self.cap):
             self._issue(self._backward[k])
-        for j in sorted(self._backward[issued:]):  # the rest, first layers first
+        for j in sorted(self._backward[self.cap :]):  # the rest, first layers first
             self._issue(j)
         if self._held is not None:
             self._issue(self._held)
+        if self._proposal is not None:  # the proposals of a step ago (in long since): the next step's cap
+            self.cap = min(self._proposal.wait(), len(self._backward))
+        self._proposal = self.control.max_int_async(min(done + self.window, len(self._backward)), "trunk_pipeline")
         self._next, self._pending, self._hparams = 0, True, None
         self._ready = [0] * n
         self._copied = [0] * len(self.params)

@@ -28,12 +28,31 @@ NO_BATCHNORM = ["alexnet", "vgg11"]  # float32 meets rtol 1e-5 / atol 1e-6 there
 FP64 = {"rtol": 1e-7, "atol_scaled": 1e-7}
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 
+# The float64 single-device runs that later tests compare against again, computed once: the first
+# forward's logits of every model (test_fp32_drift_is_rounding's exact result: the same model on the
+# same first batch) and the whole run of the two models the gloo and per-worker-BatchNorm tests use.
+_EXACT_LOGITS: dict[str, torch.Tensor] = {}
+_REFERENCES: dict[Run, dict] = {}
+_SHARED = ("resnet18", "mobilenet_v2")
+
+
+def _reference(run: Run) -> dict:
+    """``reference(run, run.model())``; for ``Run(name)`` in float64 it is kept for the tests that reuse it."""
+    if run in _REFERENCES:
+        return _REFERENCES[run]
+    want = reference(run, run.model())
+    if run == Run(run.name):
+        _EXACT_LOGITS[run.name] = want["logits"]
+        if run.name in _SHARED:
+            _REFERENCES[run] = want
+    return want
+
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", [n for n in SUPPORTED if n not in NO_BATCHNORM])
 def test_zoo_equals_the_single_device_fp64(name):
     run = Run(name)
-    assert_equal(run, hybrid(run, run.model()), reference(run, run.model()), **FP64)
+    assert_equal(run, hybrid(run, run.model()), _reference(run), **FP64)
 
 
 @pytest.mark.timeout(600)
@@ -55,7 +74,9 @@ def test_zoo_without_batchnorm_equals_the_single_device_fp32(name):
 def test_fp32_drift_is_rounding(name):
     """In float32 the hybrid's first forward is as close to the exact (float64) result as the
     single device's own float32 forward is: what float32 adds beyond it is rounding."""
-    exact = reference(Run(name, steps=1), Run(name).model())["logits"]
+    exact = _EXACT_LOGITS.get(name)
+    if exact is None:  # this test run on its own
+        exact = reference(Run(name, steps=1), Run(name).model())["logits"]
     run = Run(name, dtype=torch.float32, steps=1)
     one_device = (reference(run, run.model())["logits"].double() - exact).abs().max().item()
     hybrid32 = (hybrid(run, run.model())["logits"].double() - exact).abs().max().item()
@@ -78,11 +99,11 @@ def _gloo(K, fn, *args):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_zoo_over_gloo_equals_the_single_device(name):
     run = Run(name)
-    assert_equal(run, hybrid(run, run.model(), launch=_gloo), reference(run, run.model()), **FP64)
+    assert_equal(run, hybrid(run, run.model(), launch=_gloo), _reference(run), **FP64)
 
 
 def test_the_fp64_check_catches_per_worker_batchnorm():
     """The check can fail: with per-worker BatchNorm statistics ResNet-18 is a different model."""
     run = Run("resnet18")
-    err, where = max_error(compare(hybrid(run, run.model(), sync_bn=False), reference(run, run.model())))
+    err, where = max_error(compare(hybrid(run, run.model(), sync_bn=False), _reference(run)))
     assert err > 1e3 * FP64["atol_scaled"], (err, where)

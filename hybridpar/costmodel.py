@@ -59,7 +59,7 @@ from hybridpar.parallel.data_parallel import TRUNK_BUCKET_ELEMENTS, bucket_sizes
 from hybridpar.parallel.head import choose_styles
 from hybridpar.parallel.program import MOVES, head_layout, scheme_rounds
 from hybridpar.parallel.program import SCHEMES as HYBRID_SCHEMES
-from hybridpar.parallel.trunk_pipeline import PARTITION_ELEMENTS, WINDOW, partitions, schedule
+from hybridpar.parallel.trunk_pipeline import PARTITION_ELEMENTS, WINDOW, partitions, propose_cap, schedule
 
 SCHEMES = ("ddp", *HYBRID_SCHEMES)
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's default bucket_cap_mb
@@ -629,6 +629,7 @@ class _HybridStep:
         self.program = _head_program(self.widths, styles)
         self.comm_itemsize = comm_itemsize or profile.itemsize
         self.defer, self.deferred = defer, {}  # deferred: rows of each Linear's weight gradient not yet made
+        self.caps: list[int] = []  # pipelined: the partitions each coming backward issues as ready
 
     def run(self, scheme: str, bucket_cap: int) -> tuple[_Timeline, int, list[float], int]:
         tl, G, K, link = self.tl, self.G, self.K, self.link
@@ -677,15 +678,16 @@ class _HybridStep:
             self.rounds(scheme_rounds(scheme, self.b, self.G), program[0], program[1:])
 
     def steady(
-        self, scheme: str, pipelined: bool, chunks: list[list[int]] | None, bucket_cap: int, steps: int = 4
+        self, scheme: str, pipelined: bool, chunks: list[list[int]] | None, bucket_cap: int, steps: int = 6
     ) -> StepTime:
         """Consecutive steps with ``trunk_sync=pipelined`` and/or the trunk in ``chunks`` (the
         rounds' sizes); the step time is the period of the last two (the first has nothing pending).
 
         Pipelined: before each trunk stage runs, its partitions of the previous step's sums must be
-        in (and its update applied); during the backward, partitions are issued deepest first as
-        they are ready, at most ``WINDOW`` unfinished (the steady state of the code's cap: what the link
-        finished during a backward, plus the window); at its end the rest go out in forward order.
+        in (and its update applied); during the backward, the first ``cap`` partitions of the
+        deepest-first order are issued as they are ready — every one in the first two steps, then
+        the cap the code's rule (``propose_cap``) makes of this timeline's own step two before; at
+        its end the rest go out in forward order.
         Chunked: round j's rows go through the trunk and leave; after all chunks, round j's head
         runs, its gradients return, and chunk j-1's trunk backward runs meanwhile; only the last
         chunk's backward issues the sums."""
@@ -744,16 +746,24 @@ class _HybridStep:
             )
         issued, order, k = [0.0] * len(layout.sizes), layout.backward, 0
         cast = self.profile.cast_s_per_elem
+        window = WINDOW if self.overlap else 0
+        if not self.caps:  # the first two steps: every partition as it is ready (none: serialised)
+            self.caps = [len(order) if window else 0] * 2
+        cap = self.caps.pop(0)
         for s in reversed(range(len(trunk))):
             tl.run(seconds[s])
             # A partition is ready once every stage it spans is through its backward.
-            while k < len(order) and layout.stage[order[k]] >= s and sum(t > tl.cpu for t in issued) < WINDOW:
+            while k < cap and layout.stage[order[k]] >= s:
                 issued[order[k]] = _issue_sum(tl, link, layout.sizes[order[k]], K, self.gi, cast)
                 k += 1
-        rest = sorted(order[k:]) + ([] if layout.held is None else [layout.held])
+        done = sum(1 for j in order[:k] if issued[j] <= tl.cpu)
+        rest = order[k:cap] + sorted(order[cap:]) + ([] if layout.held is None else [layout.held])
         for j in rest:  # forward order, the held-back deepest partition last
             issued[j] = _issue_sum(tl, link, layout.sizes[j], K, self.gi, cast)
-        tl.post()  # the proposal of a later step's cap (its count of sums done during the backward)
+        # This step's proposal, agreed (the workers' largest: the slowest worker sets the pace, as
+        # here) and taken two steps on; issued now, waited for long after: its call time only.
+        self.caps.append(propose_cap(done, cap, window, len(order)))
+        tl.post()
         return issued
 
     def chunked_rounds(

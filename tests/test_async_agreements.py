@@ -19,7 +19,7 @@ from hybridpar.comm import Handle, run_emulated
 from hybridpar.errors import BatchMismatchError
 from hybridpar.models import alexnet_small, build_seeded
 from hybridpar.parallel import HybridModel
-from hybridpar.parallel.trunk_pipeline import WINDOW
+from hybridpar.parallel.trunk_pipeline import WINDOW, propose_cap
 from tests import zoo
 from tests.helpers import results, run_gloo
 
@@ -152,30 +152,51 @@ def _train(comm, run: zoo.Run, model, trunk_sync: str, scheme: str):
     lo, hi = comm.rank * run.local_batch, (comm.rank + 1) * run.local_batch
     caps = []
     for x, y in run.batches():
+        caps.append(getattr(hybrid.trunk_sync, "cap", None))  # what this step's backward issues as ready
         opt.zero_grad(set_to_none=True)
         hybrid.train_step(x[lo:hi], y[lo:hi], scheme=scheme, optimizer=opt)
         opt.step()
-        caps.append(getattr(hybrid.trunk_sync, "cap", None))
     hybrid.flush()
     sequence = [(e.kind, e.tag) for e in comm.ledger.entries]  # bytes differ by rank where K does not divide
-    return {n: p.detach().clone() for n, p in hybrid.named_parameters()}, sequence, caps
+    n = len(getattr(hybrid.trunk_sync, "_backward", ()))
+    return {n: p.detach().clone() for n, p in hybrid.named_parameters()}, sequence, caps, n
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("K", [2, 3])
-def test_workers_proposing_different_caps_issue_one_sequence_and_train_the_same_bits(K, monkeypatch):
-    """Worker 0 sees every sum done at the end of its backward (a fast link), the others none:
-    their proposals differ, the agreed cap is the largest, and every worker issues the same
-    collectives in the same order, ending with the serialised path's bits."""
+@pytest.mark.parametrize("fast_worker_0", [False, True])
+def test_workers_proposing_different_caps_issue_one_sequence_and_train_the_same_bits(K, fast_worker_0, monkeypatch):
+    """The first two backwards issue every partition as it is ready; then each step takes the
+    largest of the workers' proposals of two steps before. In the emulation no sum is done before
+    it is waited for, so every worker proposes the window (2); with ``fast_worker_0`` worker 0 sees
+    every sum done at the end of its backward (a fast link) and proposes them all. Either way
+    every worker issues the same collectives in the same order and ends with the serialised
+    path's bits."""
     run = zoo.Run("resnet18", workers=K, local_batch=2, steps=4, dtype=torch.float32)
     model = run.model()
     want = run_emulated(K, _train, run, model, "bucketed", "c")
-    ready = Handle.ready
-    monkeypatch.setattr(Handle, "ready", lambda self: self._comm.rank == 0 or ready(self))
+    if fast_worker_0:
+        ready = Handle.ready
+        monkeypatch.setattr(Handle, "ready", lambda self: self._comm.rank == 0 or ready(self))
     got = run_emulated(K, _train, run, model, "pipelined", "c")
-    for k, (params, sequence, caps) in enumerate(got):
+    for k, (params, sequence, caps, n) in enumerate(got):
         assert sequence == got[0][1], f"worker {k} issued a different sequence of collectives"
-        # Steps 1-2 run on the initial cap; the proposals of step 1 (worker 0's: more) set step 3's.
-        assert caps[0] == WINDOW and caps[-1] > WINDOW, caps
-        differ = [n for n in want[k][0] if not torch.equal(params[n], want[k][0][n])]
+        later = n if fast_worker_0 else WINDOW  # the largest proposal wins, also on the workers that made a smaller one
+        assert n > WINDOW and caps == [n, n, later, later], (caps, n)
+        differ = [name for name in want[k][0] if not torch.equal(params[name], want[k][0][name])]
         assert not differ, f"worker {k} differs from the serialised path: {differ[:5]}"
+
+
+@pytest.mark.parametrize(
+    "done, cap, window, n, want",
+    [
+        (5, 9, 2, 20, 7),  # 4 still in flight at the end: what finished, plus the window
+        (9, 9, 2, 20, 18),  # all finished: the link stood idle, twice as many
+        (1, 1, 2, 20, 3),  # ... and at least the window more
+        (20, 20, 2, 20, 20),  # never more than there are
+        (7, 9, 2, 8, 8),
+        (0, 0, 0, 20, 0),  # no window (the serialised path): none during the backward
+    ],
+)
+def test_the_cap_proposal(done, cap, window, n, want):
+    assert propose_cap(done, cap, window, n) == want

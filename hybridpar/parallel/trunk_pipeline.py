@@ -7,8 +7,9 @@ only once the last byte is in. On a slow link that wait is most of the step. Her
 * the trunk's gradients, flattened one after another in the order in which the trunk's graph first
   uses their parameters, are cut into small **partitions** (a parameter may span several);
 * during the backward, the first ``cap`` partitions of the backward order are summed as they
-  become ready (deepest first, as the backward produces them); ``cap`` is what the link carried
-  during an earlier backward plus ``window``, so the link is never queued far ahead;
+  become ready (deepest first, as the backward produces them); ``cap`` is what the link finished
+  during an earlier backward plus ``window`` (:func:`propose_cap`), so the link is kept busy
+  through the backward's long stages but never queued far ahead of the next forward's needs;
 * at the end of the backward the rest go out in **forward order** — the partition the next
   forward needs first goes first, although the backward made it last (priority-based parameter
   propagation); the deepest partition is held back to go last where that costs the link nothing
@@ -22,8 +23,7 @@ Exact, not stale: every parameter gets the same update from the same sums as in 
 path, with the step's own hyperparameters, before anything reads it; ``flush()`` applies what is
 left (before evaluation, a checkpoint, a ``state_dict``). Collectives must be issued in the same
 order on every worker, so ``cap`` may not follow one worker's timing: at the end of each backward
-every worker proposes one (how many of its sums the link finished during this backward, plus
-``window``) and the workers take the largest — a tiny all-gather issued there and waited for at
+every worker proposes one (:func:`propose_cap`) and the workers take the largest — a tiny all-gather issued there and waited for at
 the end of the next backward, long done by then, for the step after it. A blocking
 agreement at that point would wait behind the sums in flight on the same wire (tens of ms at
 100 Mbit/s) while the processor has work. The sums run on a communicator of their own (its own
@@ -87,6 +87,19 @@ def schedule(parts: Sequence[Sequence[_Piece]]) -> tuple[list[int], int | None]:
     return [j for j in range(n - 1, -1, -1) if j != held], held
 
 
+def propose_cap(done: int, cap: int, window: int, n: int) -> int:
+    """A worker's proposal of how many partitions a later backward issues as they are ready, from
+    this backward: ``done`` of the ``cap`` it issued had finished when it ended. Those plus
+    ``window`` (what is left in flight at the end, ahead of the forward-order rest); if all had
+    finished the link stood idle — twice as many (at least the window more). At most ``n``, and
+    none without a window (the serialised path issues everything at the end)."""
+    if not window:
+        return 0
+    if done >= cap:
+        return min(n, max(2 * cap, done + window))
+    return min(n, done + window)
+
+
 class PipelinedTrunkSync:
     """One worker's pipelined trunk sync. ``named`` lists the trunk's parameters with their owner
     (the module or attribute name the trunk's graph uses), in forward order; ``comm`` is the
@@ -112,7 +125,9 @@ class PipelinedTrunkSync:
         self._proposal: Agreement | None = None  # the workers' proposals of a later step's cap
         self.parts = partitions([p.numel() for p in self.params], cap)
         self._backward, self._held = schedule(self.parts)
-        self.cap = min(window, len(self._backward))  # partitions of the backward order issued during the backward
+        # Partitions of the backward order issued during the backward: every one at first (as the
+        # bucketed sync does), then what the workers propose (:func:`propose_cap`); none with no window.
+        self.cap = len(self._backward) if window else 0
         self._parts_of: list[list[int]] = [[] for _ in self.params]  # the partitions each parameter spans
         for j, part in enumerate(self.parts):
             for piece in part:
@@ -204,7 +219,8 @@ class PipelinedTrunkSync:
             self._issue(self._held)
         if self._proposal is not None:  # the proposals of a step ago (in long since): the next step's cap
             self.cap = min(self._proposal.wait(), len(self._backward))
-        self._proposal = self.control.max_int_async(min(done + self.window, len(self._backward)), "trunk_pipeline")
+        mine = propose_cap(done, self.cap, self.window, len(self._backward))
+        self._proposal = self.control.max_int_async(mine, "trunk_pipeline")
         self._next, self._pending, self._hparams = 0, True, None
         self._ready = [0] * n
         self._copied = [0] * len(self.params)

@@ -149,7 +149,7 @@ class Communicator(ABC):
         whose shapes depend on it (the head's first move), after the trunk's forward.
         """
         if self.world_size == 1:  # nothing to compare (and no collective: on a GPU it would cost a host sync)
-            return Agreement(None, what, lambda rows: None)
+            return Agreement(None, lambda rows: None)
         t = torch.tensor([len(values), *values], dtype=torch.int64)
         # A length prefix plus fixed padding keeps the message the same shape on every worker
         # even when the tuples differ in length.
@@ -168,7 +168,7 @@ class Communicator(ABC):
                     f"workers disagree on {what} ({listing}); every worker must use the same {what}"
                 )
 
-        return Agreement(Handle(self, self._gather_ints_async(t)), what, check)
+        return Agreement(Handle(self, self._gather_ints_async(t)), check)
 
     def all_finite(self, finite: bool, what: str = "nonfinite_check") -> bool:
         """Whether ``finite`` holds on every worker (e.g. its loss is finite). One tiny all-gather;
@@ -186,18 +186,15 @@ class Communicator(ABC):
         rows = self._timed(self._gather_ints, t)
         return [sum(int(r[i]) for r in rows) for i in range(t.numel())]
 
-    def max_int(self, value: int, what: str) -> int:
-        """The largest ``value`` over the workers (one tiny all-gather; every worker gets it)."""
-        return self.max_int_async(value, what).wait()
-
     def max_int_async(self, value: int, what: str) -> Agreement:
-        """:meth:`max_int` issued now; ``wait()`` gives the largest value."""
+        """The largest ``value`` over the workers (one tiny all-gather), issued now; ``wait()``
+        gives it, the same on every worker."""
         if self.world_size == 1:
-            return Agreement(None, what, lambda rows: value)
+            return Agreement(None, lambda rows: value)
         t = torch.tensor([value], dtype=torch.int64)
         e = t.element_size()
         self.ledger.record("agree", what, (self.world_size - 1) * e, (self.world_size - 1) * e)
-        return Agreement(Handle(self, self._gather_ints_async(t)), what, lambda rows: max(int(r[0]) for r in rows))
+        return Agreement(Handle(self, self._gather_ints_async(t)), lambda rows: max(int(r[0]) for r in rows))
 
     def gather_objects(self, obj: object) -> list:
         """Every worker's picklable ``obj``, in rank order (setup-time control messages, e.g. errors).
@@ -297,15 +294,13 @@ class Handle:
 
 class Agreement:
     """A small agreement in flight (:meth:`Communicator.agree_async`, :meth:`~Communicator.max_int_async`):
-    ``wait()`` blocks until every worker's values are in, then checks or reduces them (raising the
-    same error on every worker). Waited for once; later calls return the same result."""
+    ``wait()`` blocks until every worker's values are in, then ``read`` checks or reduces them
+    (raising the same error on every worker); ``handle`` None: a world of one, nothing to wait for.
+    Waited for once; later calls return the same result."""
 
-    def __init__(self, handle: Handle | None, what: str, read):
-        self._handle, self.what, self._read = handle, what, read
+    def __init__(self, handle: Handle | None, read):
+        self._handle, self._read = handle, read
         self._done, self._result = False, None
-
-    def ready(self) -> bool:
-        return self._done or self._handle is None or self._handle.ready()
 
     def wait(self):
         if not self._done:

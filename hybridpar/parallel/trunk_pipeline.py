@@ -23,10 +23,10 @@ Exact, not stale: every parameter gets the same update from the same sums as in 
 path, with the step's own hyperparameters, before anything reads it; ``flush()`` applies what is
 left (before evaluation, a checkpoint, a ``state_dict``). Collectives must be issued in the same
 order on every worker, so ``cap`` may not follow one worker's timing: at the end of each backward
-every worker proposes one (:func:`propose_cap`) and the workers take the largest — a tiny all-gather issued there and waited for at
-the end of the next backward, long done by then, for the step after it. A blocking
-agreement at that point would wait behind the sums in flight on the same wire (tens of ms at
-100 Mbit/s) while the processor has work. The sums run on a communicator of their own (its own
+every worker proposes one (:func:`propose_cap`) and the workers take the largest — a tiny
+all-gather issued there and waited for at the end of the next backward, long done by then, for
+the step after it. A blocking agreement at that point would wait behind the sums in flight on
+the same wire (tens of ms at 100 Mbit/s) while the processor has work. The sums run on a communicator of their own (its own
 process group: its traffic never waits behind the head's moves, nor they behind it).
 """
 

@@ -23,6 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 
 from hybridpar import checkpoint, faults
 from hybridpar.comm import Communicator, DistCommunicator
+from hybridpar.comm.base import Agreement
 from hybridpar.config import unknown_keys
 from hybridpar.data import LOADERS, build_datasets, eval_batches, train_loader
 from hybridpar.errors import ConfigError, HybridparError
@@ -397,8 +398,10 @@ def train(
             data_s = t0 - asked  # the wait for this batch: the loader's share, not the step's
             x, y = _inputs(x, device, cfg), y.to(device, non_blocking=True)
             s.optimizer.zero_grad(set_to_none=True)
-            loss = step_fn(x, y).item()  # this worker's share of the global mean; one host sync per step
-            comm_s, comm_bytes = comm.ledger.seconds, comm.ledger.sent  # the step's traffic, not the vote's
+            # The step's vote is issued as soon as the loss exists (run.vote), waited for after the step.
+            loss = step_fn(x, y, run.vote).item()  # this worker's share of the global mean; one host sync per step
+            # The step's traffic, not the vote's (issued inside the step, it is its own figure).
+            comm_s, comm_bytes = comm.ledger.seconds, comm.ledger.sent - run.vote_bytes()
             if run.update_allowed(loss, step, epoch):  # every worker the same verdict: all update, or none
                 s.optimizer.step()
             run.schedule.after_step()
@@ -439,15 +442,22 @@ def _step_function(comm: Communicator, device: torch.device, cfg: DictConfig, s:
     if isinstance(s.model, HybridModel):
         fc_batch = cfg.parallel.fc_batch
         # Trunk gradients are summed; with fc_batch=chunk the head updates after every round.
-        return lambda x, y: s.model.train_step(
-            x, y, scheme=cfg.parallel.scheme, fc_batch=fc_batch, optimizer=s.optimizer, autocast=autocast
+        return lambda x, y, on_loss: s.model.train_step(
+            x,
+            y,
+            scheme=cfg.parallel.scheme,
+            fc_batch=fc_batch,
+            optimizer=s.optimizer,
+            autocast=autocast,
+            on_loss=on_loss,
         )[0]
     emulated = not isinstance(s.model, nn.parallel.DistributedDataParallel) and comm.world_size > 1
 
-    def ddp_step(x, y):  # DDP: the local mean, gradients averaged (emulated workers average by hand)
+    def ddp_step(x, y, on_loss):  # DDP: the local mean, gradients averaged (emulated workers average by hand)
         with autocast():
             logits = s.model(x)
         loss = F.cross_entropy(logits.float(), y)
+        on_loss(loss.detach() / comm.world_size)
         loss.backward()
         if emulated:
             _average_gradients(s.plain, comm)
@@ -478,6 +488,7 @@ class _Run:
         self.writing: checkpoint.Write | None = None  # the one checkpoint in flight
         self.host_buffers = checkpoint.HostBuffers()  # its snapshot, reused by the next (empty until used)
         self.written_everywhere = False  # this step's vote: every worker's file of it is done
+        self.voting: Agreement | None = None  # the step's vote in flight (vote())
         self.skipped, self.train_loss, self.last_val = 0, float("nan"), {}
 
     def resume(self) -> checkpoint.Position | None:
@@ -496,16 +507,31 @@ class _Run:
             self.total,
         )
 
+    def vote(self, loss: torch.Tensor) -> None:
+        """Issue the step's vote (:meth:`update_allowed` reads it) as soon as ``loss``, this
+        worker's share, exists: before the step's gradient sums, which on a slow link would hold a
+        tiny collective issued after them for tens of milliseconds (docs/design.md). The finite
+        check is read on the loss's device: no host sync inside the step."""
+        flags = [torch.isfinite(loss), self.stop.requested]
+        if self.background:
+            flags.append(self.writing is None or self.writing.written())
+        self.voting = self.comm.votes_async(flags, "step_votes")
+
+    def vote_bytes(self) -> int:
+        """The bytes this step's vote sent (the ledger holds them with the step's)."""
+        return self.comm.ledger.by_tag().get("step_votes", (0, 0))[0]
+
     def update_allowed(self, loss: float, step: int, epoch: int) -> bool:
         """Whether every worker's loss is finite; if not, stop before the update (one line naming
         the step) or, with trainer.skip_nonfinite, skip it. The same tiny collective tells every
         worker whether any was asked to stop (a signal): then all leave after this step. With
         checkpoint.async it also tells whether every worker's part of the checkpoint in flight is
-        written (one more integer: no collective of its own, and none from the writer thread)."""
-        flags = [math.isfinite(loss), self.stop.requested]
-        if self.background:
-            flags.append(self.writing is None or self.writing.written())
-        finite, stops, *written = self.comm.votes(flags, "step_votes")
+        written (one more integer: no collective of its own, and none from the writer thread).
+        Issued by :meth:`vote` inside the step (here if the step did not)."""
+        if self.voting is None:
+            self.vote(torch.tensor(loss))
+        voting, self.voting = self.voting, None
+        finite, stops, *written = voting.wait()
         self.stopping = stops > 0
         self.written_everywhere = self.writing is not None and written == [self.comm.world_size]
         if finite == self.comm.world_size:

@@ -158,8 +158,8 @@ def test_a_stop_while_a_write_runs_commits_it_first(tmp_path, monkeypatch, stop)
     """A signal (preemption) or a NaN loss at step 3, while worker 1 still writes step 2: the run
     waits for that write and commits it before it leaves — with the checkpoint of step 3 as well
     when preempted; for a NaN, one line naming step 2 as the intact checkpoint."""
-    request, voting = StopRequest(), threading.Event()
-    original_write, original_vote = checkpoint._write_worker_file, trainer._Run.update_allowed
+    request, voting, votes = StopRequest(), threading.Event(), {0: 0, 1: 0}
+    original_write, original_vote = checkpoint._write_worker_file, trainer._Run.vote
 
     def slow_write(payload, tmp, rank):
         if rank == 1 and tmp.name == ".step-00000002.tmp":
@@ -167,14 +167,15 @@ def test_a_stop_while_a_write_runs_commits_it_first(tmp_path, monkeypatch, stop)
             time.sleep(0.2)  # still writing during the vote of step 3
         return original_write(payload, tmp, rank)
 
-    def vote(self, loss, step, epoch):
-        if step == 3 and self.comm.rank == 1:
+    def vote(self, loss):  # issued inside the step, as soon as its loss exists
+        votes[self.comm.rank] += 1
+        if votes[self.comm.rank] == 3 and self.comm.rank == 1:  # step 3's
             request.signum = signal.SIGTERM if stop == "preempted" else None
             voting.set()
-        return original_vote(self, loss, step, epoch)
+        return original_vote(self, loss)
 
     monkeypatch.setattr(checkpoint, "_write_worker_file", slow_write)
-    monkeypatch.setattr(trainer._Run, "update_allowed", vote)
+    monkeypatch.setattr(trainer._Run, "vote", vote)
     if stop == "nan":
         monkeypatch.setenv("HYBRIDPAR_FAULT", "nan@3")
     cfg, run = _cfg(*ASYNC), tmp_path / "run"

@@ -178,13 +178,21 @@ class Communicator(ABC):
     def votes(self, flags: Sequence[bool], what: str = "step_votes") -> list[int]:
         """How many workers hold each of ``flags`` (one tiny all-gather for all of them; every
         worker gets the same counts): the step's non-finite check and stop request in one."""
+        return self.votes_async(flags, what).wait()
+
+    def votes_async(self, flags: Sequence[bool | torch.Tensor], what: str = "step_votes") -> Agreement:
+        """:meth:`votes`, issued now; ``wait()`` gives the counts. A flag may be a 0-d tensor (a
+        loss's ``isfinite``) on the collective's device: read there, it costs the host no sync."""
         if self.world_size == 1:
-            return [int(bool(f)) for f in flags]
-        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64)
+            return Agreement(None, lambda rows: [int(bool(f)) for f in flags])
+        dev = next((f.device for f in flags if isinstance(f, torch.Tensor)), torch.device("cpu"))
+        t = torch.stack([torch.as_tensor(f, device=dev).reshape(()).to(torch.int64) for f in flags])
         e = t.element_size() * t.numel()
         self.ledger.record("agree", what, (self.world_size - 1) * e, (self.world_size - 1) * e)
-        rows = self._timed(self._gather_ints, t)
-        return [sum(int(r[i]) for r in rows) for i in range(t.numel())]
+        return Agreement(
+            Handle(self, self._gather_ints_async(t)),
+            lambda rows: [sum(int(r[i]) for r in rows) for i in range(t.numel())],
+        )
 
     def max_int_async(self, value: int, what: str) -> Agreement:
         """The largest ``value`` over the workers (one tiny all-gather), issued now; ``wait()``

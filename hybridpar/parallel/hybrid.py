@@ -20,7 +20,7 @@ import contextlib
 import copy
 import functools
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -276,9 +276,12 @@ class HybridModel(nn.Module):
         fc_batch: str = "full",
         optimizer: torch.optim.Optimizer | None = None,
         autocast=contextlib.nullcontext,
+        on_loss: Callable[[torch.Tensor], None] | None = None,
     ):
         """Forward, backward and trunk synchronisation of one step; returns this worker's share of
-        the global-mean loss and its examples' logits (both detached).
+        the global-mean loss and its examples' logits (both detached). ``on_loss`` is called with
+        that share as soon as it exists, before the trunk's backward and its sums (the training
+        app issues its per-step vote there: it travels before the sums fill the link).
 
         ``fc_batch="full"``: the head's gradients accumulate over all rounds (then (b) and (c)
         compute exactly what (a) computes). ``"chunk"``: the head shards take an optimizer step
@@ -310,10 +313,12 @@ class HybridModel(nn.Module):
             with autocast():
                 logits = self(x)
             loss = global_mean_loss(loss_input(logits), y, self.world)
+            if on_loss is not None:
+                on_loss(loss.detach())
             loss.backward()
             self.sync_gradients()
             return loss.detach(), logits.detach()
-        return train_rounds(self, x, y, scheme, fc_batch, optimizer, autocast)
+        return train_rounds(self, x, y, scheme, fc_batch, optimizer, autocast, on_loss)
 
     def sync_gradients(self) -> None:
         """Finish summing the trunk replicas' gradients (see the module docstring for why SUM).

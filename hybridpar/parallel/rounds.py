@@ -42,28 +42,33 @@ def loss_input(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def train_rounds(model, x, y, scheme: str, fc_batch: str, optimizer, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def train_rounds(
+    model, x, y, scheme: str, fc_batch: str, optimizer, autocast, on_loss=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step in rounds on ``model`` (a :class:`HybridModel`): scheme (b) or (c), or (a) in
     micro-batches; forward and backward of every round, the trunk's backward, the trunk's
     gradient sum. Returns this worker's share of the global-mean loss and its examples' logits
-    (both detached)."""
+    (both detached); ``on_loss`` gets the share once every round has run, before the trunk's
+    (last) backward starts the sums."""
     # Checked before the first move leaves (issued now: it travels while the trunk computes).
     shape = model.comm.agree_async("local batch shape", tuple(x.shape))
     loop = _Rounds(model, scheme, x.shape[0], fc_batch, optimizer, shape)
     if model.chunked(scheme):
-        return _train_chunked(model, loop, x, y, autocast)
+        return _train_chunked(model, loop, x, y, autocast, on_loss)
     first = model.first_move
     with autocast():
         h0 = model.run_program(model.program[:first], model.forward_trunk(x), [])
     loop.start([h0[r] for r in loop.rows])
     for j in range(loop.count):
         loop.round(j, y, autocast)
+    if on_loss is not None:
+        on_loss(loop.loss_share)
     h0.backward(loop.input_grad(h0))
     model.sync_gradients()
     return loop.loss_share, torch.cat(loop.logits)
 
 
-def _train_chunked(model, loop: _Rounds, x, y, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_chunked(model, loop: _Rounds, x, y, autocast, on_loss) -> tuple[torch.Tensor, torch.Tensor]:
     """The trunk chunk by chunk (``parallel.chunk_trunk`` for (b)/(c), ``parallel.micro_batches``
     for (a)): each round's rows go through the trunk on their own. Round j's features travel while
     round j+1's rows go through the convolutions, and round j's trunk backward runs as soon as its
@@ -81,6 +86,8 @@ def _train_chunked(model, loop: _Rounds, x, y, autocast) -> tuple[torch.Tensor, 
         loop.round(j, y, autocast)
         if j > 0:
             _chunk_backward(model, chunks[j - 1], loop.returned(j - 1), last=j - 1 == last)
+    if on_loss is not None:
+        on_loss(loop.loss_share)
     _chunk_backward(model, chunks[-1], loop.returned(R - 1), last=R - 1 == last)
     model.sync_gradients()
     return loop.loss_share, torch.cat(loop.logits)

@@ -49,3 +49,19 @@ def test_the_vote_leaves_before_the_steps_gradient_sums(tmp_path, monkeypatch, o
         assert sums, f"step {step}: no gradient sum in {tags}"
         assert tags.count("step_votes") == 1, f"step {step}: {tags}"
         assert tags.index("step_votes") < sums[0], f"step {step}: the vote left after a sum: {tags}"
+
+
+@pytest.mark.timeout(60)
+def test_votes_count_tensor_and_host_flags_alike_on_every_worker():
+    """A flag may be a 0-d tensor (a loss's isfinite, read where it was computed) or a host bool;
+    every worker gets the same counts, in the flags' order."""
+    import torch
+
+    from hybridpar.comm import run_emulated
+
+    def vote(comm):
+        loss = torch.tensor(float("nan") if comm.rank == 1 else 2.0)
+        return comm.votes_async([torch.isfinite(loss), comm.rank != 2, True], "step_votes").wait()
+
+    assert run_emulated(3, vote) == [[2, 2, 3]] * 3
+    assert run_emulated(1, vote) == [[1, 1, 1]]

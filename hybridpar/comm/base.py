@@ -185,8 +185,13 @@ class Communicator(ABC):
         loss's ``isfinite``) on the collective's device: read there, it costs the host no sync."""
         if self.world_size == 1:
             return Agreement(None, lambda rows: [int(bool(f)) for f in flags])
-        dev = next((f.device for f in flags if isinstance(f, torch.Tensor)), torch.device("cpu"))
-        t = torch.stack([torch.as_tensor(f, device=dev).reshape(()).to(torch.int64) for f in flags])
+        t = torch.tensor([0 if isinstance(f, torch.Tensor) else int(bool(f)) for f in flags], dtype=torch.int64)
+        dev = next((f.device for f in flags if isinstance(f, torch.Tensor)), t.device)
+        if dev.type != "cpu":  # the host's flags by an async copy from pinned memory: a plain one would sync
+            t = t.pin_memory().to(dev, non_blocking=True)
+        for i, f in enumerate(flags):
+            if isinstance(f, torch.Tensor):
+                t[i] = f.reshape(()).to(torch.int64)  # on the device, after what computes it
         e = t.element_size() * t.numel()
         self.ledger.record("agree", what, (self.world_size - 1) * e, (self.world_size - 1) * e)
         return Agreement(

@@ -39,7 +39,9 @@ def variant_options(scheme: str, variant: str) -> dict | None:
     """The hybrid's options of a trunk variant: ``bucketed`` | ``pipelined``, with ``+chunk`` (the
     trunk round by round: schemes b, c), ``+mbN`` (scheme a in N micro-batches) and/or ``+bf16``
     (the trunk's sums in bf16), ``+act16`` (the features and their gradients travel in bf16:
-    ``parallel.comm_dtype=bf16``, lossy) and/or ``+inline`` (the head's weight gradients made in its
+    ``parallel.comm_dtype=bf16``, lossy), ``+wlast`` (pipelined: the deepest conv's backward in
+    autograd's order, its weight gradient not first: ``HybridModel(weight_first=False)``) and/or
+    ``+inline`` (the head's weight gradients made in its
     backward, as autograd makes them: ``parallel.defer_wgrad=false``), ``+whole`` (the head's moves in
     one message each, not in pieces: ``parallel.move_piece_mb=null``; these three for scheme a), a
     head layout such as ``+ccr`` (``parallel.plan=[col, col, row]``; default min_bytes); None
@@ -58,6 +60,7 @@ def variant_options(scheme: str, variant: str) -> dict | None:
         "micro_batches": micro,
         "bf16": "bf16" in flags,
         "defer": "inline" not in flags,
+        "weight_first": "wlast" not in flags,
         "act16": "act16" in flags,
         "whole": "whole" in flags,
         "plan": plan,
@@ -79,6 +82,7 @@ def run(
         micro_batches=opts["micro_batches"],
         trunk_comm_dtype=torch.bfloat16 if opts["bf16"] else None,
         defer_wgrad=opts["defer"],
+        weight_first=opts["weight_first"],
         comm_dtype=torch.bfloat16 if opts["act16"] else None,
         plan=opts["plan"],
     )
@@ -281,6 +285,7 @@ def predict(profile, link, scheme: str, variant: str, K: int, b: int) -> costmod
         defer_wgrad=opts["defer"],
         comm_itemsize=2 if opts["act16"] else None,
         plan=opts["plan"],
+        weight_first=opts["weight_first"],
     )
 
 

@@ -37,7 +37,7 @@ from hybridpar.parallel.powersgd import PowerSGD
 from hybridpar.parallel.program import Move
 from hybridpar.parallel.rounds import loss_input, train_rounds
 from hybridpar.parallel.sync_bn import sync_batch_norms
-from hybridpar.parallel.trunk_pipeline import PARTITION_ELEMENTS, WINDOW, PipelinedTrunkSync
+from hybridpar.parallel.trunk_pipeline import PARTITION_ELEMENTS, WINDOW, PipelinedTrunkSync, weight_grads_first
 
 TRUNK_SYNCS = ("bucketed", "pipelined")
 
@@ -66,6 +66,7 @@ class HybridModel(nn.Module):
         micro_batches: int = 1,
         trunk_powersgd_rank: int = 0,
         defer_wgrad: bool = True,
+        weight_first: bool = True,
     ):
         super().__init__()
         K = comm.world_size
@@ -104,7 +105,7 @@ class HybridModel(nn.Module):
         self.wgrad = WeightGrads() if defer_wgrad and comm.world_size > 1 else None
         with MODEL_LOCK:  # tracing and cutting a model shared by emulated workers: one at a time
             self._build(model, plan, head, seed, bucket_cap, overlap, sync_bn)
-            self._trunk_sync(trunk_sync, bucket_cap, partition_cap, overlap)
+            self._trunk_sync(trunk_sync, bucket_cap, partition_cap, overlap, weight_first)
             if self.chunk_trunk or self.micro_batches > 1:
                 self._check_chunkable()
 
@@ -147,10 +148,12 @@ class HybridModel(nn.Module):
         self._trunk = self.split.trunk(self)
         self.first_move = next(i for i, op in enumerate(self.program) if isinstance(op, Move))
 
-    def _trunk_sync(self, kind: str, bucket_cap: int, partition_cap: int, overlap: bool) -> None:
+    def _trunk_sync(self, kind: str, bucket_cap: int, partition_cap: int, overlap: bool, weight_first: bool) -> None:
         """How the trunk replicas' gradients are summed: in buckets during the backward, all in
         before the optimizer (``bucketed``), or pipelined across the step boundary, each layer's
-        update applied right before the next forward uses it (``pipelined``, trunk_pipeline.py)."""
+        update applied right before the next forward uses it (``pipelined``, trunk_pipeline.py),
+        the deepest conv's weight gradient made before its input gradient (``weight_first``;
+        False, autograd's order: for measuring what it saves)."""
         world = self.world
         self.pipelined = kind == "pipelined" and world.world_size > 1
         if not self.pipelined:
@@ -172,6 +175,20 @@ class HybridModel(nn.Module):
         )
         self._hook_owners([o for o, _ in named])
         self._trunk.before = functools.partial(_before_attribute, weakref.ref(self.trunk_sync), self)
+        deepest = self._deepest_trunk_layer() if weight_first else None
+        if deepest is not None:
+            weight_grads_first(deepest, self.trunk_sync)  # the first partitions leave before its input gradient
+
+    def _deepest_trunk_layer(self) -> nn.Module | None:
+        """The last module holding trunk parameters that the trunk's graph runs: its gradients are
+        the backward's first."""
+        last = None
+        for name in self._trunk.owners():
+            if _is_module(self, name):
+                for _, m in self.get_submodule(name).named_modules(prefix=name):
+                    if any(True for _ in m.parameters(recurse=False)):
+                        last = m
+        return last
 
     def _check_chunkable(self) -> None:
         """A trunk run in chunks gives the gradients of one pass only if it treats every example

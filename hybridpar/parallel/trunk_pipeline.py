@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from hybridpar.comm.base import Agreement, Communicator, Handle
 from hybridpar.errors import ConfigError
@@ -132,6 +133,8 @@ class PipelinedTrunkSync:
         for j, part in enumerate(self.parts):
             for piece in part:
                 self._parts_of[piece.param].append(j)
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._handed = [False] * len(self.params)  # gradients handed over by accumulate() this backward
         self._by_owner: dict[str, list[int]] = {}  # each owner's parameters
         for i, owner in enumerate(self.owners):
             self._by_owner.setdefault(owner, []).append(i)
@@ -174,6 +177,18 @@ class PipelinedTrunkSync:
         self._hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
     # ---- backward: sums issued as gradients become ready -----------------------------------
+
+    def accumulate(self, p: torch.nn.Parameter, grad: torch.Tensor) -> None:
+        """``grad`` added into ``p.grad`` as autograd's accumulation adds it, and ``p`` counted
+        ready: for a layer whose backward hands its weight's gradient over itself, before it makes
+        its input's (:func:`weight_grads_first`)."""
+        i = self._index[id(p)]
+        with torch.no_grad():
+            p.grad = grad.to(p.dtype) if p.grad is None else p.grad + grad
+        # Its AccumulateGrad node still runs after the layer's backward (with no gradient) and
+        # fires the post-accumulate hook: that call is not counted again.
+        self._handed[i] = True
+        self._ready_one(i)
 
     def _ready_one(self, i: int) -> None:
         if not self.armed:
@@ -222,6 +237,7 @@ class PipelinedTrunkSync:
         mine = propose_cap(done, self.cap, self.window, len(self._backward))
         self._proposal = self.control.max_int_async(mine, "trunk_pipeline")
         self._next, self._pending, self._hparams = 0, True, None
+        self._handed = [False] * len(self.params)
         self._ready = [0] * n
         self._copied = [0] * len(self.params)
         self._applied = [False] * len(self.params)
@@ -296,10 +312,73 @@ class PipelinedTrunkSync:
                 p.grad = None
 
 
+def weight_grads_first(conv: nn.Module, sync: PipelinedTrunkSync) -> bool:
+    """Make the backward of ``conv`` (the trunk's deepest layer with parameters) produce its weight's
+    and bias's gradients first and hand them to ``sync`` at once, its input's gradient after: the
+    first partitions of the step's sums leave while the processor makes the input gradient, instead
+    of after it. Autograd makes all three in one node and accumulates the weight's after it, while
+    between the head's last move and the first partition the link has nothing to carry — the
+    weight-gradient/input-gradient (W/B) split of zero-bubble pipeline schedules, here ordered W
+    first. Each gradient is the product autograd makes (``aten.convolution_backward``, one output
+    at a time), so the sums and weights are bit-identical. Only a plain ``nn.Conv2d`` with zero
+    padding given as numbers (False otherwise, the module left as it is); a forward without grad,
+    or under ``torch.compile``'s tracing, runs the module's own forward."""
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    conv.forward = functools.partial(_weight_first_forward, conv, weakref.ref(sync), conv.forward)
+    return True
+
+
+def _weight_first_forward(conv: nn.Conv2d, sync: weakref.ref, plain, x: torch.Tensor) -> torch.Tensor:
+    target = sync()
+    if target is None or not torch.is_grad_enabled() or not conv.weight.requires_grad or torch.compiler.is_compiling():
+        return plain(x)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if dtype is not None and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = None  # autocast leaves float64 alone
+    with torch.autocast(device, enabled=False):  # its casts made here, as autocast would make them
+        return _WeightFirstConv.apply(x, conv.weight, conv.bias, conv, target, dtype)
+
+
+class _WeightFirstConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv, sync, dtype):
+        xc = x if dtype is None else x.to(dtype)
+        w = weight if dtype is None else weight.to(dtype)
+        b = bias if bias is None or dtype is None else bias.to(dtype)
+        ctx.save_for_backward(xc, w)
+        ctx.conv, ctx.sync, ctx.x_dtype = conv, sync, x.dtype
+        return conv._conv_forward(xc, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        conv, sync = ctx.conv, ctx.sync
+        geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), False, [0] * len(conv.stride))
+        has_bias = conv.bias is not None
+        bias_sizes = [w.shape[0]] if has_bias else None
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, w, bias_sizes, *geometry, conv.groups, [False, True, has_bias]
+        )
+        sync.accumulate(conv.weight, gw)  # its sums may leave now
+        if has_bias:
+            sync.accumulate(conv.bias, gb)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(g, x, w, None, *geometry, conv.groups, [True, False, False])[0]
+            gx = gx.to(ctx.x_dtype)
+        return gx, None, None, None, None, None
+
+
 def _on_grad_ready(sync: weakref.ref, i: int, _p: torch.nn.Parameter) -> None:
     owner = sync()
-    if owner is not None:
-        owner._ready_one(i)
+    if owner is None:
+        return
+    if owner._handed[i]:  # counted when the layer handed it over (accumulate)
+        owner._handed[i] = False
+        return
+    owner._ready_one(i)
 
 
 def _on_step(sync: weakref.ref, optimizer: torch.optim.Optimizer) -> None:

@@ -1,0 +1,146 @@
+"""The pipelined trunk's deepest conv makes its weight's gradient first (trunk_pipeline.weight_grads_first):
+the step's first sums leave before that conv's input gradient is made, and nothing else changes.
+
+The serialised path (bucketed, every operation waited for at once; its conv backward is autograd's)
+is the reference, on torchvision's AlexNet (its trunk ends in a plain Conv2d, so the option is on;
+tests/test_trunk_pipeline.py runs resnet18, whose trunk ends in a BatchNorm, where it is off):
+after N steps with momentum, weight decay and a changing rate every parameter and momentum buffer
+must hold the same bits, on every worker, every scheme, whole or micro-batched, fp32 and under
+bf16 autocast; and against the torch-only single-device loop (tests/zoo.py) in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hybridpar import hybridize
+from hybridpar.comm import run_emulated
+from hybridpar.parallel import assemble
+from tests import zoo
+from tests.helpers import results, run_gloo
+
+
+def _train(comm, run: zoo.Run, model, trunk_sync: str, scheme: str, micro_batches: int = 1, autocast: bool = False):
+    serial = trunk_sync == "bucketed"
+    hybrid = hybridize(model, comm, trunk_sync=trunk_sync, overlap=not serial, micro_batches=micro_batches)
+    opt = torch.optim.SGD(hybrid.parameters(), lr=zoo.LR, momentum=zoo.MOMENTUM, weight_decay=5e-4)
+    lo, hi = comm.rank * run.local_batch, (comm.rank + 1) * run.local_batch
+
+    def mixed():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
+    for x, y in run.batches():
+        opt.zero_grad(set_to_none=True)
+        hybrid.train_step(x[lo:hi], y[lo:hi], scheme=scheme, optimizer=opt, autocast=mixed)
+        opt.step()
+        for g in opt.param_groups:
+            g["lr"] *= 0.7
+    hybrid.flush()
+    names = {p: n for n, p in hybrid.named_parameters()}
+    momenta = {names[p]: s["momentum_buffer"].clone() for p, s in opt.state.items() if "momentum_buffer" in s}
+    params = {n: p.detach().clone() for n, p in hybrid.named_parameters()}
+    return {"params": params, "momenta": momenta, "specs": hybrid.shard_specs()}
+
+
+def _identical(got: list[dict], want: list[dict]) -> None:
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        for key in ("params", "momenta"):
+            assert g[key].keys() == w[key].keys()
+            differ = [n for n in w[key] if not torch.equal(g[key][n], w[key][n])]
+            assert not differ, f"worker {k} {key} differ: {differ[:5]}"
+
+
+def _alexnet(K: int, dtype=torch.float32) -> tuple[zoo.Run, nn.Module]:
+    run = zoo.Run("alexnet", workers=K, local_batch=2, steps=3, dtype=dtype)
+    return run, run.model()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "K, scheme, micro_batches, autocast",
+    [(2, "a", 1, False), (3, "b", 1, False), (4, "c", 1, False), (2, "a", 2, False), (2, "a", 1, True)],
+    ids=["K2-a", "K3-b", "K4-c", "K2-a-micro-batches", "K2-a-bf16-autocast"],
+)
+def test_weight_first_is_bit_identical_to_the_serialised_path(K, scheme, micro_batches, autocast):
+    run, model = _alexnet(K)
+    want = run_emulated(K, _train, run, model, "bucketed", scheme, micro_batches, autocast)
+    got = run_emulated(K, _train, run, model, "pipelined", scheme, micro_batches, autocast)
+    _identical(got, want)
+    assert not torch.equal(model.features[10].weight, want[0]["params"]["features.10.weight"])  # it trained
+
+
+@pytest.mark.timeout(300)
+def test_weight_first_over_gloo_is_bit_identical():
+    run, model = _alexnet(2)
+    want = results(run_gloo(2, _train, run, model, "bucketed", "a"))
+    got = results(run_gloo(2, _train, run, model, "pipelined", "a"))
+    _identical(got, want)
+
+
+@pytest.mark.timeout(300)
+def test_weight_first_equals_one_device():
+    """float64, K = 2: the pipelined hybrid on AlexNet against the torch-only single-device loop."""
+    run = zoo.Run("alexnet", workers=2, local_batch=2, steps=3)
+    want = zoo.reference(run, run.model())
+
+    def worker(comm, model):
+        hybrid = hybridize(model, comm, trunk_sync="pipelined")
+        opt = torch.optim.SGD(hybrid.parameters(), lr=zoo.LR, momentum=zoo.MOMENTUM)
+        lo, hi = comm.rank * run.local_batch, (comm.rank + 1) * run.local_batch
+        for x, y in run.batches():
+            opt.zero_grad(set_to_none=True)
+            hybrid.train_step(x[lo:hi], y[lo:hi], optimizer=opt)
+            opt.step()
+        hybrid.flush()
+        return {n: p.detach().clone() for n, p in hybrid.named_parameters()}, hybrid.shard_specs()
+
+    workers = run_emulated(run.workers, worker, run.model())
+    got = assemble([w[0] for w in workers], workers[0][1])
+    assert got.keys() == want["params"].keys()
+    scale = max(t.abs().max().item() for t in want["params"].values())
+    for n, t in want["params"].items():
+        torch.testing.assert_close(got[n], t, rtol=1e-7, atol=1e-7 * scale, msg=n)
+
+
+class _ConvBackwards(TorchDispatchMode):
+    """Each convolution backward this thread runs: which gradients it makes, and how many of the
+    trunk's sums the worker had issued by then (its ledger)."""
+
+    def __init__(self, ledger):
+        super().__init__()
+        self.ledger, self.seen = ledger, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            sums = sum(e.tag == "trunk_grads" for e in self.ledger.entries)
+            self.seen.append((tuple(bool(m) for m in args[-1]), sums))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("trunk_sync", ["pipelined", "bucketed"])
+def test_the_first_sums_leave_before_the_deepest_convs_input_gradient(trunk_sync):
+    """Pipelined: the backward's first convolution product is the deepest conv's weight gradient,
+    and by the time its input gradient is made the step's first sums are issued. Serialised
+    (autograd's one node for all three): none is, and the first product makes them all at once."""
+    run, model = _alexnet(2)
+
+    def worker(comm):
+        hybrid = hybridize(model, comm, trunk_sync=trunk_sync, overlap=trunk_sync == "pipelined")
+        opt = torch.optim.SGD(hybrid.parameters(), lr=zoo.LR)
+        x, y = run.batches()[0]
+        lo, hi = comm.rank * run.local_batch, (comm.rank + 1) * run.local_batch
+        with _ConvBackwards(comm.ledger) as mode:
+            hybrid.train_step(x[lo:hi], y[lo:hi], optimizer=opt)
+        return mode.seen
+
+    for seen in run_emulated(2, worker):
+        first_input_grad = next(sums for mask, sums in seen if mask[0])
+        if trunk_sync == "pipelined":
+            assert seen[0] == ((False, True, True), 0)  # the deepest conv's weight and bias, before any sum
+            assert first_input_grad >= 1, seen
+        else:
+            assert seen[0][0] == (True, True, True) and first_input_grad == 0, seen

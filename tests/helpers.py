@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import sys
@@ -16,6 +17,30 @@ import torch.multiprocessing as mp
 
 GLOO_TIMEOUT_S = 60  # a collective that waits longer fails instead of hanging
 JOIN_TIMEOUT_S = 180  # the whole group is killed after this
+
+# Workers are forked from a server process that imported torch and hybridpar once (multiprocessing's
+# forkserver, started by the first call and kept for the session): each is a fresh process, as a
+# spawned one is, without importing torch again (2-3 s a process on two cores, dozens of launches).
+START_METHOD = "forkserver"
+multiprocessing.set_forkserver_preload(
+    ["torch", "torchvision", "hybridpar.comm", "hybridpar.parallel", "hybridpar.verify"]
+)
+
+
+def start_workers(fn, args, nprocs: int):
+    """``torch.multiprocessing.start_processes(fn, args, nprocs)`` from the fork server, not joined.
+    ``fn(rank, *args)`` runs with the caller's environment as it is now (the server's is that of the
+    first call). The arguments travel pickled by value, as bytes: a fork server passes a shared
+    tensor as a file descriptor, and a model has more tensors than one message carries (256)."""
+    payload = pickle.dumps((dict(os.environ), fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+    return mp.start_processes(_unpacked, args=(payload,), nprocs=nprocs, join=False, start_method=START_METHOD)
+
+
+def _unpacked(rank: int, payload: bytes) -> None:
+    environ, fn, args = pickle.loads(payload)
+    os.environ.clear()
+    os.environ.update(environ)
+    fn(rank, *args)
 
 
 def _entry(rank: int, world_size: int, store: str, out_dir: str, fn, args) -> None:
@@ -43,16 +68,14 @@ def _entry(rank: int, world_size: int, store: str, out_dir: str, fn, args) -> No
 
 
 def run_gloo(world_size: int, fn, *args, timeout_s: float = JOIN_TIMEOUT_S) -> list[tuple[str, object]]:
-    """Run ``fn(DistCommunicator(), *args)`` on ``world_size`` spawned gloo processes.
+    """Run ``fn(DistCommunicator(), *args)`` on ``world_size`` fresh gloo processes.
 
     Returns ``[("ok", result) | ("error", (type name, message, traceback))]`` in rank order.
     Processes still alive after ``timeout_s`` are killed and the call fails: no hang.
     """
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        ctx = mp.start_processes(
-            _entry, args=(world_size, store, tmp, fn, args), nprocs=world_size, join=False, start_method="spawn"
-        )
+        ctx = start_workers(_entry, (world_size, store, tmp, fn, args), world_size)
         deadline = time.monotonic() + timeout_s
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() >= deadline:

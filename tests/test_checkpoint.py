@@ -18,7 +18,7 @@ from hybridpar import checkpoint
 from hybridpar.comm import run_emulated
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel
-from tests.helpers import compose_train, run_cmd, train_here
+from tests.helpers import compose_train, run_cmd, start_workers, train_here
 
 PY = sys.executable
 TRAIN = [PY, "-m", "hybridpar.train"]
@@ -341,15 +341,7 @@ def _silent_peer(rank: int, store: str, out: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_a_silent_peer_is_an_error_naming_the_collective(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(
-        _silent_peer,
-        args=(str(tmp_path / "store"), str(tmp_path / "out.json")),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
+    ctx = start_workers(_silent_peer, (str(tmp_path / "store"), str(tmp_path / "out.json")), 2)
     ctx.join(timeout=60)
     for p in ctx.processes:
         if p.is_alive():

@@ -32,17 +32,7 @@ def _train(comm, run: zoo.Run, model, defer: bool, scheme: str, trunk_sync: str,
         hybrid.train_step(x[lo:hi], y[lo:hi], scheme=scheme, fc_batch=fc_batch, optimizer=opt, autocast=autocast)
         opt.step()
     hybrid.flush()
-    names = {p: n for n, p in hybrid.named_parameters()}
-    momenta = {names[p]: s["momentum_buffer"].clone() for p, s in opt.state.items() if "momentum_buffer" in s}
-    return {"params": {n: p.detach().clone() for n, p in hybrid.named_parameters()}, "momenta": momenta}
-
-
-def _identical(got: list[dict], want: list[dict]) -> None:
-    for k, (g, w) in enumerate(zip(got, want, strict=True)):
-        for key in ("params", "momenta"):
-            assert g[key].keys() == w[key].keys()
-            differ = [n for n in w[key] if not torch.equal(g[key][n], w[key][n])]
-            assert not differ, f"worker {k} {key} differ: {differ[:5]}"
+    return zoo.trained_state(hybrid, opt)
 
 
 @pytest.mark.timeout(300)
@@ -62,7 +52,7 @@ def test_deferred_weight_gradients_are_bit_identical_to_autograds(K, scheme, tru
     model = run.model()
     want = run_emulated(K, _train, run, model, False, scheme, trunk_sync, fc_batch, bf16)
     got = run_emulated(K, _train, run, model, True, scheme, trunk_sync, fc_batch, bf16)
-    _identical(got, want)
+    zoo.assert_bit_identical(got, want)
     # The head did train (equal to an untouched head would prove nothing).
     assert not torch.equal(want[0]["params"]["classifier.3.bias"], model.classifier[3].bias)
 

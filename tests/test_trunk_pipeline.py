@@ -46,18 +46,7 @@ def _train(
         if step == peek:
             hybrid.state_dict()  # a checkpoint between steps applies what is pending
     hybrid.flush()
-    names = {p: n for n, p in hybrid.named_parameters()}
-    momenta = {names[p]: s["momentum_buffer"].clone() for p, s in opt.state.items() if "momentum_buffer" in s}
-    params = {n: p.detach().clone() for n, p in hybrid.named_parameters()}
-    return {"params": params, "momenta": momenta, "specs": hybrid.shard_specs()}
-
-
-def _identical(got: list[dict], want: list[dict]) -> None:
-    for k, (g, w) in enumerate(zip(got, want, strict=True)):
-        for key in ("params", "momenta"):
-            assert g[key].keys() == w[key].keys()
-            differ = [n for n in w[key] if not torch.equal(g[key][n], w[key][n])]
-            assert not differ, f"worker {k} {key} differ: {differ[:5]}"
+    return {**zoo.trained_state(hybrid, opt), "specs": hybrid.shard_specs()}
 
 
 @pytest.mark.timeout(300)
@@ -68,7 +57,7 @@ def test_pipelined_is_bit_identical_to_the_serialised_path(K, scheme):
     model = run.model()
     want = run_emulated(K, _train, run, model, "bucketed", scheme, 2, 1, False)
     got = run_emulated(K, _train, run, model, "pipelined", scheme, 2, 1, True)
-    _identical(got, want)
+    zoo.assert_bit_identical(got, want)
     # The reference did train (identical to an untouched model would prove nothing).
     moved = [
         n for n, p in model.named_parameters() if n in want[0]["params"] and not torch.equal(p, want[0]["params"][n])
@@ -84,7 +73,7 @@ def test_pipelined_over_gloo_is_bit_identical():
     model = run.model()
     want = results(run_gloo(2, _train, run, model, "bucketed", "a", None, None, False, False))
     got = results(run_gloo(2, _train, run, model, "pipelined", "a", None, None, True, True))
-    _identical(got, want)
+    zoo.assert_bit_identical(got, want)
 
 
 @pytest.mark.timeout(300)

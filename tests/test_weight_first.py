@@ -39,18 +39,7 @@ def _train(comm, run: zoo.Run, model, trunk_sync: str, scheme: str, micro_batche
         for g in opt.param_groups:
             g["lr"] *= 0.7
     hybrid.flush()
-    names = {p: n for n, p in hybrid.named_parameters()}
-    momenta = {names[p]: s["momentum_buffer"].clone() for p, s in opt.state.items() if "momentum_buffer" in s}
-    params = {n: p.detach().clone() for n, p in hybrid.named_parameters()}
-    return {"params": params, "momenta": momenta, "specs": hybrid.shard_specs()}
-
-
-def _identical(got: list[dict], want: list[dict]) -> None:
-    for k, (g, w) in enumerate(zip(got, want, strict=True)):
-        for key in ("params", "momenta"):
-            assert g[key].keys() == w[key].keys()
-            differ = [n for n in w[key] if not torch.equal(g[key][n], w[key][n])]
-            assert not differ, f"worker {k} {key} differ: {differ[:5]}"
+    return {**zoo.trained_state(hybrid, opt), "specs": hybrid.shard_specs()}
 
 
 def _alexnet(K: int, dtype=torch.float32) -> tuple[zoo.Run, nn.Module]:
@@ -68,7 +57,7 @@ def test_weight_first_is_bit_identical_to_the_serialised_path(K, scheme, micro_b
     run, model = _alexnet(K)
     want = run_emulated(K, _train, run, model, "bucketed", scheme, micro_batches, autocast)
     got = run_emulated(K, _train, run, model, "pipelined", scheme, micro_batches, autocast)
-    _identical(got, want)
+    zoo.assert_bit_identical(got, want)
     assert not torch.equal(model.features[10].weight, want[0]["params"]["features.10.weight"])  # it trained
 
 
@@ -77,7 +66,7 @@ def test_weight_first_over_gloo_is_bit_identical():
     run, model = _alexnet(2)
     want = results(run_gloo(2, _train, run, model, "bucketed", "a"))
     got = results(run_gloo(2, _train, run, model, "pipelined", "a"))
-    _identical(got, want)
+    zoo.assert_bit_identical(got, want)
 
 
 @pytest.mark.timeout(300)

@@ -220,3 +220,19 @@ def assert_equal(run: Run, got: dict, want: dict, *, rtol: float, atol: float = 
             atol=atol + atol_scaled * scale,
             msg=lambda m, n=name: f"{run.name} K={run.workers} {n}: {m}",
         )
+
+
+def trained_state(hybrid: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """A worker's parameters and momentum buffers after training (copies), by parameter name."""
+    names = {p: n for n, p in hybrid.named_parameters()}
+    momenta = {names[p]: s["momentum_buffer"].clone() for p, s in opt.state.items() if "momentum_buffer" in s}
+    return {"params": {n: p.detach().clone() for n, p in hybrid.named_parameters()}, "momenta": momenta}
+
+
+def assert_bit_identical(got: list[dict], want: list[dict]) -> None:
+    """Every worker's :func:`trained_state` holds the same bits in both runs."""
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        for key in ("params", "momenta"):
+            assert g[key].keys() == w[key].keys()
+            differ = [n for n in w[key] if not torch.equal(g[key][n], w[key][n])]
+            assert not differ, f"worker {k} {key} differ: {differ[:5]}"

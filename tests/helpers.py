@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import pickle
@@ -116,6 +117,17 @@ def run_cmd(cmd, *, cwd=None, env=None, timeout: float = 240):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def concurrently(*calls):
+    """``[call() for call in calls]``, each call in a thread of its own, for independent commands
+    (``run_cmd``): their interpreters start on both cores at once instead of one after the other.
+    Nothing run this way may be timed. Every call is waited for; then the first error is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
 def cli_in_process(tmp_path, argv: list[str], monkeypatch) -> int | str | None:
     """Run ``hybridpar.train.cli`` with ``argv`` here; its exit code. Hydra's global state and the
     'hybridpar' logger the run configures are put back afterwards."""
@@ -171,3 +183,23 @@ def train_here(run_dir, *overrides: str, K: int = 2, timeout_s: float = 120) -> 
     return run_emulated(
         K, lambda comm: trainer.train(comm, torch.device("cpu"), cfg, Path(run_dir)), timeout_s=timeout_s
     )[0]
+
+
+@functools.cache
+def _built(factory, seed: int):
+    from hybridpar.models import build_seeded
+
+    return build_seeded(factory, seed)
+
+
+def seeded_model(factory, seed: int = 0):
+    """``build_seeded(factory, seed)``: built once per factory and seed, then copied (the same bits).
+    A small VGG's construction initialises torchvision's full-size head (~120M weights) before the
+    small one replaces it, ~1 s a build, and the tests build the same one dozens of times. The copy
+    is made under the lock of model construction: emulated workers call this from their threads."""
+    import copy
+
+    from hybridpar.models.seeded import MODEL_LOCK
+
+    with MODEL_LOCK:
+        return copy.deepcopy(_built(factory, seed))

@@ -3,6 +3,7 @@ heads; every one equal to its single device; splits the hybrid cannot run are re
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -10,15 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torchvision
 from torch import nn
 
 from hybridpar import hybridize
 from hybridpar.comm import run_emulated
 from hybridpar.errors import ShardingError
-from hybridpar.models import build_seeded, vgg
+from hybridpar.models import vgg
 from hybridpar.verify import Case, compare, hybrid_worker, reference
-from tests.helpers import cli_in_process, results, run_gloo
+from tests.helpers import cli_in_process, concurrently, results, run_gloo, seeded_model
 from tests.user_models import BareFc, BatchMixer, FunctionalHead, SkipAcross, TiedHead, TinyNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,12 +33,18 @@ MODELS = {
 }
 
 
+@functools.cache
+def _reference(name: str, K: int) -> dict:
+    """The single device on ``Case(K, local_batch=3)``'s batches, run once per model and K: the
+    scheme shapes the hybrid's step only, so every scheme compares against the same run."""
+    return reference(Case(K, local_batch=3), seeded_model(MODELS[name]))
+
+
 def _check(name: str, K: int, scheme: str, workers=None):
     case = Case(K, local_batch=3, scheme=scheme)
-    model = lambda: build_seeded(MODELS[name], 0)
     if workers is None:
-        workers = run_emulated(K, hybrid_worker, case, model())
-    errors = compare(workers, reference(case, model()), rtol=1e-5, atol=1e-6)
+        workers = run_emulated(K, hybrid_worker, case, seeded_model(MODELS[name]))
+    errors = compare(workers, _reference(name, K), rtol=1e-5, atol=1e-6)
     assert max(errors.values()) < 1e-5, errors
 
 
@@ -49,7 +57,7 @@ def test_hybridized_models_equal_the_single_device(name, K, scheme):
 
 def _gloo_worker(comm, name):
     case = Case(comm.world_size, local_batch=3)
-    return hybrid_worker(comm, case, build_seeded(MODELS[name], 0))
+    return hybrid_worker(comm, case, seeded_model(MODELS[name]))
 
 
 @pytest.mark.timeout(180)
@@ -59,9 +67,11 @@ def test_hybridized_models_over_gloo(name):
 
 
 def test_vgg_is_torchvisions_architecture():
+    # On the meta device: the same names and shapes, strict both ways, without initialising 133M weights.
     for bn in (False, True):
-        ours = vgg("vgg11", batch_norm=bn)
-        theirs = torchvision.models.vgg11_bn() if bn else torchvision.models.vgg11()
+        with torch.device("meta"):
+            ours = vgg("vgg11", batch_norm=bn)
+            theirs = torchvision.models.vgg11_bn() if bn else torchvision.models.vgg11()
         theirs.load_state_dict(ours.state_dict(), strict=True)
         ours.load_state_dict(theirs.state_dict(), strict=True)
 
@@ -139,37 +149,40 @@ def _train(*overrides, cwd):
 
 @pytest.mark.timeout(300)
 def test_vgg_and_custom_models_train_from_the_command_line(tmp_path):
-    vgg_run = _train(
-        "model=vgg11",
-        "model.width=16",
-        "model.hidden=64",
-        "model.pool_size=1",
-        f"hydra.run.dir={tmp_path / 'v'}",
-        cwd=tmp_path,
+    # Three independent runs, launched together.
+    vgg_run, user, tv = concurrently(
+        lambda: _train(
+            "model=vgg11",
+            "model.width=16",
+            "model.hidden=64",
+            "model.pool_size=1",
+            f"hydra.run.dir={tmp_path / 'v'}",
+            cwd=tmp_path,
+        ),
+        lambda: _train(
+            "model=custom",
+            "model.target=tests.user_models:TinyNet",
+            "+model.kwargs.width=4",
+            f"hydra.run.dir={tmp_path / 'u'}",
+            cwd=tmp_path,
+        ),
+        lambda: _train(
+            "model=torchvision",
+            "model.arch=resnet18",
+            "data=fake",
+            "data.image_size=32",
+            "data.size=48",
+            "data.val_size=16",
+            "data.num_classes=10",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            f"hydra.run.dir={tmp_path / 't'}",
+            cwd=tmp_path,
+        ),
     )
     assert vgg_run.returncode == 0, vgg_run.stderr[-2000:]
-    user = _train(
-        "model=custom",
-        "model.target=tests.user_models:TinyNet",
-        "+model.kwargs.width=4",
-        f"hydra.run.dir={tmp_path / 'u'}",
-        cwd=tmp_path,
-    )
     assert user.returncode == 0, user.stderr[-2000:]
     assert "features" not in (tmp_path / "u" / "summary.json").read_text()  # sanity: the run wrote its summary
-    tv = _train(
-        "model=torchvision",
-        "model.arch=resnet18",
-        "data=fake",
-        "data.image_size=32",
-        "data.size=48",
-        "data.val_size=16",
-        "data.num_classes=10",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        f"hydra.run.dir={tmp_path / 't'}",
-        cwd=tmp_path,
-    )
     assert tv.returncode == 0, tv.stderr[-2000:]
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["steps"] == 3
 

@@ -3,18 +3,24 @@ the single device, running statistics included; per-worker statistics would not.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from hybridpar.comm import run_emulated
-from hybridpar.models import build_seeded, vgg
+from hybridpar.models import vgg
 from hybridpar.parallel import HybridModel
 from hybridpar.verify import Case, compare, hybrid_worker, reference
-from tests.helpers import results, run_gloo
+from tests.helpers import results, run_gloo, seeded_model
+
+
+def _small_vgg_bn():
+    return vgg("vgg11", 10, 0.0, batch_norm=True, width=16, hidden=48, pool_size=1)
 
 
 def _vgg_bn():
-    return build_seeded(lambda: vgg("vgg11", 10, 0.0, batch_norm=True, width=16, hidden=48, pool_size=1), 0)
+    return seeded_model(_small_vgg_bn)
 
 
 def _buffers_after_steps(comm, case: Case, sync_bn: bool):
@@ -28,18 +34,20 @@ def _buffers_after_steps(comm, case: Case, sync_bn: bool):
     return {n: b.clone() for n, b in hybrid.named_buffers() if "running" in n}
 
 
-def _reference_buffers(case: Case):
+@functools.cache
+def _reference(K: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The single device on ``Case(K, local_batch=3)``'s batches and its running statistics after
+    them, run once per K (a case's fc_group_size shapes the hybrid only)."""
     model = _vgg_bn()
-    reference(case, model)  # trains it in place
-    return {n: b for n, b in model.named_buffers() if "running" in n}
+    ref = reference(Case(K, local_batch=3), model)  # trains it in place
+    return ref, {n: b for n, b in model.named_buffers() if "running" in n}
 
 
 @pytest.mark.parametrize("K, G", [(2, 2), (4, 2), (4, 4)])
 def test_vgg_bn_hybrid_equals_the_single_device(K, G):
     case = Case(K, local_batch=3, fc_group_size=G)
-    one = _vgg_bn()
-    compare(run_emulated(K, hybrid_worker, case, _vgg_bn()), reference(case, one))  # trains ``one`` in place
-    want = {n: b for n, b in one.named_buffers() if "running" in n}  # what _reference_buffers(case) computes
+    ref, want = _reference(K)
+    compare(run_emulated(K, hybrid_worker, case, _vgg_bn()), ref)
     for got in run_emulated(K, _buffers_after_steps, case, True):
         for n, b in want.items():
             torch.testing.assert_close(got[n], b, rtol=1e-5, atol=1e-6, msg=n)
@@ -48,7 +56,7 @@ def test_vgg_bn_hybrid_equals_the_single_device(K, G):
 def test_per_worker_statistics_would_differ():
     case = Case(2, local_batch=3)
     got = run_emulated(2, _buffers_after_steps, case, False)[0]
-    want = _reference_buffers(case)
+    want = _reference(case.world_size)[1]
     assert max((got[n] - want[n]).abs().max().item() for n in want) > 1e-3
 
 
@@ -56,7 +64,7 @@ def test_per_worker_statistics_would_differ():
 def test_vgg_bn_over_gloo():
     case = Case(2, local_batch=3)
     workers = results(run_gloo(2, _gloo_worker))
-    compare(workers, reference(case, _vgg_bn()))
+    compare(workers, _reference(case.world_size)[0])
 
 
 def _gloo_worker(comm):

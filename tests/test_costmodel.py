@@ -18,6 +18,7 @@ from hybridpar.parallel.data_parallel import trunk_bucket_numels
 from hybridpar.parallel.head import choose_styles
 from hybridpar.parallel.program import MOVES, Move, scheme_rounds
 from hybridpar.verify import Case
+from tests.helpers import concurrently
 
 
 @pytest.mark.parametrize("kind", sorted(MOVES))
@@ -270,38 +271,21 @@ def test_parse_rate():
 def test_cli_predict_and_bad_input(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(_toy_profile().to_json())
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hybridpar.costmodel",
-            "predict",
-            "--profile",
-            str(path),
-            "--rate",
-            "1gbit",
-            "--workers",
-            "3",
-            "--batch",
-            "6",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
+
+    def costmodel(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "hybridpar.costmodel", *args]
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+
+    # Independent, launched together.
+    out, bad = concurrently(
+        lambda: costmodel("predict", "--profile", str(path), "--rate", "1gbit", "--workers", "3", "--batch", "6"),
+        lambda: costmodel("project", "--profile", str(path), "--rate", "fast"),
     )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| scheme")]
     assert [r.split("|")[1].strip() for r in rows] == ["ddp", "a", "b", "c"]
     expected = cm.step_time(_toy_profile(), cm.Link(50e-6, 125e6), "a", 3, 6).step_s
     assert float(rows[1].split("|")[2]) == pytest.approx(expected, abs=1e-3)
-    bad = subprocess.run(
-        [sys.executable, "-m", "hybridpar.costmodel", "project", "--profile", str(path), "--rate", "fast"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "hybridpar.costmodel: error: cannot read the rate 'fast': use e.g. 100mbit, 1gbit, 10gbit or 6GB"

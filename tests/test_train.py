@@ -16,7 +16,7 @@ import torch
 from hybridpar.models import alexnet_small
 from hybridpar.parallel.cost import hybrid_step_bytes
 from hybridpar.parallel.head import choose_styles
-from tests.helpers import cli_in_process, run_cmd
+from tests.helpers import cli_in_process, concurrently, run_cmd
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TRAIN = ["-m", "hybridpar.train"]
@@ -80,23 +80,30 @@ def test_torchrun_two_gloo_ranks_end_to_end(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_emulated_hybrid_and_ddp_follow_the_same_trajectory(tmp_path):
-    # Dropout off: scheme a and DDP do the same arithmetic on the same global batches.
-    losses = {}
-    for scheme in ("a", "ddp"):
-        proc = _run(
-            [
-                sys.executable,
-                *TRAIN,
-                "parallel.emulate=2",
-                f"parallel.scheme={scheme}",
-                "model.dropout=0",
-                "trainer.max_steps=8",
-                "trainer.log_every_steps=1",
-                "logger=none",
-                f"output_root={tmp_path}/{scheme}",
-            ],
-            tmp_path,
+    # Dropout off: scheme a and DDP do the same arithmetic on the same global batches. The two runs
+    # are independent: launched together.
+    schemes = ("a", "ddp")
+    runs = concurrently(
+        *(
+            lambda scheme=scheme: _run(
+                [
+                    sys.executable,
+                    *TRAIN,
+                    "parallel.emulate=2",
+                    f"parallel.scheme={scheme}",
+                    "model.dropout=0",
+                    "trainer.max_steps=8",
+                    "trainer.log_every_steps=1",
+                    "logger=none",
+                    f"output_root={tmp_path}/{scheme}",
+                ],
+                tmp_path,
+            )
+            for scheme in schemes
         )
+    )
+    losses = {}
+    for scheme, proc in zip(schemes, runs, strict=True):
         assert proc.returncode == 0, proc.stderr[-3000:]
         run_dir = _run_dir(proc)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -180,16 +187,31 @@ def test_bad_input_gives_one_error_line(tmp_path, overrides, message, capsys, mo
     assert message in lines[0]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "overrides, message",  # ours before any worker, the data room's in the workers' setup, Hydra's
-    [b for b in BAD if b[0] in (["parallel.scheme=zzz"], BAD[1][0], ["trainer.epoch=3"])],
-)
-def test_bad_input_from_a_fresh_process_is_one_stderr_line(tmp_path, overrides, message):
-    """The same, as a user sees it: a new process, nothing else on stderr (no warning from any import)."""
-    proc = _run(
-        [sys.executable, *TRAIN, *overrides, "logger=none", f"output_root={tmp_path}/runs"], tmp_path, timeout=90
+# Ours before any worker, the data room's in the workers' setup, Hydra's.
+FRESH = [b for b in BAD if b[0] in (["parallel.scheme=zzz"], BAD[1][0], ["trainer.epoch=3"])]
+UNKNOWN_GROUP = ("model=resnet9000",)
+
+
+@pytest.fixture(scope="module")
+def fresh_runs(tmp_path_factory) -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """The fresh-process runs of the two tests below, by their arguments: each ends in an error;
+    independent, launched together."""
+    tmp = tmp_path_factory.mktemp("fresh")
+    argv = [(*overrides, "logger=none") for overrides, _ in FRESH] + [UNKNOWN_GROUP]
+    runs = concurrently(
+        *(
+            lambda i=i, args=args: _run([sys.executable, *TRAIN, *args, f"output_root={tmp}/{i}"], tmp, timeout=90)
+            for i, args in enumerate(argv)
+        )
     )
+    return dict(zip(argv, runs, strict=True))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("overrides, message", FRESH)
+def test_bad_input_from_a_fresh_process_is_one_stderr_line(fresh_runs, overrides, message):
+    """The same, as a user sees it: a new process, nothing else on stderr (no warning from any import)."""
+    proc = fresh_runs[(*overrides, "logger=none")]
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("hybridpar: error: "), proc.stderr
@@ -197,8 +219,8 @@ def test_bad_input_from_a_fresh_process_is_one_stderr_line(tmp_path, overrides, 
 
 
 @pytest.mark.timeout(120)
-def test_unknown_config_group_option(tmp_path):
-    proc = _run([sys.executable, *TRAIN, "model=resnet9000", f"output_root={tmp_path}/runs"], tmp_path, timeout=90)
+def test_unknown_config_group_option(fresh_runs):
+    proc = fresh_runs[UNKNOWN_GROUP]
     assert proc.returncode == 2
     (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
     assert line.startswith("hybridpar: error: ") and "Could not find 'model/resnet9000'" in line, proc.stderr
@@ -276,22 +298,28 @@ def test_a_setup_error_on_one_worker_stops_every_worker():
 
 @pytest.mark.timeout(300)
 def test_bf16_and_deterministic_runs(tmp_path):
-    losses = []
-    for i in range(2):
-        proc = _run(
-            [
-                sys.executable,
-                *TRAIN,
-                "parallel.emulate=2",
-                "trainer.precision=bf16",
-                "trainer.deterministic=true",
-                "trainer.max_steps=5",
-                "trainer.log_every_steps=1",
-                "logger=none",
-                f"output_root={tmp_path}/{i}",
-            ],
-            tmp_path,
+    # The same command in two processes of their own, launched together.
+    runs = concurrently(
+        *(
+            lambda i=i: _run(
+                [
+                    sys.executable,
+                    *TRAIN,
+                    "parallel.emulate=2",
+                    "trainer.precision=bf16",
+                    "trainer.deterministic=true",
+                    "trainer.max_steps=5",
+                    "trainer.log_every_steps=1",
+                    "logger=none",
+                    f"output_root={tmp_path}/{i}",
+                ],
+                tmp_path,
+            )
+            for i in range(2)
         )
+    )
+    losses = []
+    for proc in runs:
         assert proc.returncode == 0, proc.stderr[-3000:]
         run_dir = _run_dir(proc)
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -306,26 +334,32 @@ def test_bf16_and_deterministic_runs(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_schemes_b_c_chunk_and_conv_lr_scale_from_the_command_line(tmp_path):
-    for scheme, extra, conv_lr in (
+    cases = (
         ("b", ["optim.conv_lr_scale=sqrt"], 0.01 * 2**0.5),
         ("c", ["parallel.fc_batch=chunk", "optim.conv_lr_scale=linear"], 0.02),
-    ):
-        proc = _run(
-            [
-                sys.executable,
-                *TRAIN,
-                "parallel.emulate=2",
-                f"parallel.scheme={scheme}",
-                *extra,
-                "trainer.max_steps=4",
-                "optim.schedule=constant",  # the scaled rates themselves, no warm-up, in the summary
-                "optim.warmup_steps=0",
-                "parallel.comm_dtype=bf16",
-                "logger=none",
-                f"output_root={tmp_path}/{scheme}",
-            ],
-            tmp_path,
+    )
+    runs = concurrently(  # independent: launched together
+        *(
+            lambda scheme=scheme, extra=extra: _run(
+                [
+                    sys.executable,
+                    *TRAIN,
+                    "parallel.emulate=2",
+                    f"parallel.scheme={scheme}",
+                    *extra,
+                    "trainer.max_steps=4",
+                    "optim.schedule=constant",  # the scaled rates themselves, no warm-up, in the summary
+                    "optim.warmup_steps=0",
+                    "parallel.comm_dtype=bf16",
+                    "logger=none",
+                    f"output_root={tmp_path}/{scheme}",
+                ],
+                tmp_path,
+            )
+            for scheme, extra, _ in cases
         )
+    )
+    for (scheme, _, conv_lr), proc in zip(cases, runs, strict=True):
         assert proc.returncode == 0, proc.stderr[-3000:]
         summary = json.loads((_run_dir(proc) / "summary.json").read_text())
         assert summary["scheme"] == scheme and summary["steps"] == 4

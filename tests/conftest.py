@@ -16,3 +16,16 @@ def torchrun_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     ref = _run([*TORCHRUN, "-m", "hybridpar.train", *TORCH_EXACT_10, f"hydra.run.dir={tmp / 'ref'}"], tmp, 280)
     assert ref.returncode == 0, ref.stderr[-3000:]
     return _final(tmp / "ref")
+
+
+@pytest.fixture(scope="session")
+def emulated_reference(tmp_path_factory):
+    """The run directory of the uninterrupted two-emulated-worker run (``EXACT``: 8 steps, a checkpoint
+    every 3) that the kill, preemption and full-disk tests compare against: one launch for all three.
+    Read only."""
+    from tests.test_checkpoint import EXACT, _train
+
+    ref = tmp_path_factory.mktemp("emulated_reference") / "ref"
+    run = _train(ref, *EXACT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return ref

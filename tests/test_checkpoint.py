@@ -348,7 +348,7 @@ def _silent_peer(rank: int, store: str, out: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_a_silent_peer_is_an_error_naming_the_collective(tmp_path):
-    ctx = start_workers(_silent_peer, (str(tmp_path / "store"), str(tmp_path / "out.json")), 2)
+    ctx = start_workers(_silent_peer, (str(tmp_path / "store"), str(tmp_path / "out.json")), 2, str(tmp_path))
     ctx.join(timeout=60)
     for p in ctx.processes:
         if p.is_alive():

@@ -267,14 +267,13 @@ def test_the_app_trains_the_same_run_with_either_loader(tmp_path):
     import json
     import os
 
-    from tests.helpers import run_cmd
+    from tests.helpers import concurrently, run_cmd
 
     _write(tmp_path / "data" / "train", 8, _colour, textured=True)
     _write(tmp_path / "data" / "val", 3, _colour, textured=True)
-    summaries, losses = {}, {}
-    for loader in ("torch", "dali"):
-        run_dir = tmp_path / loader
-        proc = run_cmd(
+
+    def train(loader: str):
+        return run_cmd(
             [
                 sys.executable,
                 "-m",
@@ -296,11 +295,17 @@ def test_the_app_trains_the_same_run_with_either_loader(tmp_path):
                 "trainer.log_every_steps=1",
                 "logger=none",
                 "trainer.progress=false",
-                f"hydra.run.dir={run_dir}",
+                f"hydra.run.dir={tmp_path / loader}",
             ],
             cwd=tmp_path,
             env={**os.environ, "OMP_NUM_THREADS": "1", "HYBRIDPAR_FAULT": ""},
         )
+
+    loaders = ("torch", "dali")
+    runs = concurrently(*(lambda loader=loader: train(loader) for loader in loaders))  # independent: launched together
+    summaries, losses = {}, {}
+    for loader, proc in zip(loaders, runs, strict=True):
+        run_dir = tmp_path / loader
         assert proc.returncode == 0, proc.stderr[-3000:]
         summaries[loader] = json.loads((run_dir / "summary.json").read_text())
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hybridpar import checkpoint
-from tests.helpers import compose_train, run_cmd, train_here
+from tests.helpers import compose_train, concurrently, run_cmd, train_here
 
 
 def _train(run_dir, *overrides, K=2):
@@ -54,10 +54,15 @@ def test_channels_last_trains_the_same_weights(tmp_path):
 @pytest.mark.timeout(400)
 def test_compiled_trunk_trains_the_same_weights(tmp_path):
     # NCHW: the layout is the test above's business, and inductor compiles NCHW kernels faster here.
-    # The plain side in this process (no interpreter to start); the compiled one in its own, as users run it.
-    train_here(tmp_path / "plain", "trainer.max_steps=3", "model.dropout=0.0", "trainer.channels_last=false", K=1)
+    # The plain side in this process (no interpreter to start); the compiled one in its own, as users run
+    # it. They are independent: the plain one trains while the other starts and compiles.
+    _, compiled = concurrently(
+        lambda: train_here(
+            tmp_path / "plain", "trainer.max_steps=3", "model.dropout=0.0", "trainer.channels_last=false", K=1
+        ),
+        lambda: _train(tmp_path / "compiled", "trainer.compile=true", "trainer.channels_last=false", K=1),
+    )
     plain = checkpoint.full_state_dict(checkpoint.latest(tmp_path / "plain" / "checkpoints")[0])
-    compiled = _train(tmp_path / "compiled", "trainer.compile=true", "trainer.channels_last=false", K=1)
     assert compiled.keys() == plain.keys()  # compiled in place: the names are the model's
     for n in plain:
         torch.testing.assert_close(compiled[n], plain[n], rtol=1e-4, atol=1e-5, msg=n)

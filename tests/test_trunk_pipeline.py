@@ -17,7 +17,7 @@ from hybridpar.comm import run_emulated
 from hybridpar.parallel import assemble
 from hybridpar.parallel.trunk_pipeline import _Piece, partitions, schedule
 from tests import zoo
-from tests.helpers import results, run_gloo
+from tests.helpers import concurrently, results, run_gloo
 
 
 def _train(
@@ -203,9 +203,11 @@ def test_the_training_app_pipelined_equals_bucketed_through_a_kill_and_resume(tm
     from tests.test_checkpoint import EXACT, _final, _train
 
     exact = [*EXACT, "optim.warmup_steps=6"]
-    ref = _train(tmp_path / "ref", *exact)
+    ref, killed = concurrently(  # independent: launched together
+        lambda: _train(tmp_path / "ref", *exact),
+        lambda: _train(tmp_path / "run", *exact, "parallel.trunk_sync=pipelined", fault="kill@5"),
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = _train(tmp_path / "run", *exact, "parallel.trunk_sync=pipelined", fault="kill@5")
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
     resumed = _train(tmp_path / "run", *exact, "parallel.trunk_sync=pipelined")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

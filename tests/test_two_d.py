@@ -4,6 +4,10 @@ parallel across the K/G groups. Equal to the single device for every model and G
 from __future__ import annotations
 
 import functools
+import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from hybridpar.parallel import HybridModel
 from hybridpar.parallel.cost import two_d_step_bytes
 from hybridpar.parallel.data_parallel import trunk_bucket_numels
 from hybridpar.verify import Case, compare, hybrid_worker, reference
-from tests.helpers import results, run_gloo, seeded_model
+from tests.helpers import concurrently, results, run_cmd, run_gloo, seeded_model
 from tests.user_models import TinyNet
 
 MODELS = {
@@ -135,34 +139,45 @@ def test_a_two_d_checkpoint_resumes_on_a_one_d_layout(tmp_path):
     assert files == ["meta.json", "worker-000.pt", "worker-001.pt", "worker-002.pt", "worker-003.pt"]
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("setting", ["2", "auto"])
-def test_the_training_app_runs_the_two_d_layout(tmp_path, setting):
-    import json
-    import os
-    import sys
+APP_SETTINGS = ["2", "auto"]
 
+
+@pytest.fixture(scope="module")
+def app_runs(tmp_path_factory) -> dict[str, Path]:
+    """The training app on four emulated workers for each parallel.fc_group_size setting of the test
+    below, launched together (independent runs, nothing timed): their run directories."""
+    tmp = tmp_path_factory.mktemp("app")
+
+    def train(setting: str):
+        return run_cmd(
+            [
+                sys.executable,
+                "-m",
+                "hybridpar.train",
+                "parallel.emulate=4",
+                f"parallel.fc_group_size={setting}",
+                "trainer.max_steps=3",
+                "logger=none",
+                "trainer.progress=false",
+                f"hydra.run.dir={tmp / setting}",
+            ],
+            cwd=tmp,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    runs = concurrently(*(lambda setting=setting: train(setting) for setting in APP_SETTINGS))
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return {setting: tmp / setting for setting in APP_SETTINGS}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("setting", APP_SETTINGS)
+def test_the_training_app_runs_the_two_d_layout(app_runs, setting):
     from hybridpar.models import alexnet_small
     from hybridpar.parallel.head import choose_styles, fewest_bytes_group
-    from tests.helpers import run_cmd
 
-    proc = run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "hybridpar.train",
-            "parallel.emulate=4",
-            f"parallel.fc_group_size={setting}",
-            "trainer.max_steps=3",
-            "logger=none",
-            "trainer.progress=false",
-            f"hydra.run.dir={tmp_path / 'r'}",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary = json.loads((app_runs[setting] / "summary.json").read_text())
     model = alexnet_small(10, in_channels=1, channels=(32, 64, 96, 64, 64), hidden=512)
     G = 2 if setting == "2" else fewest_bytes_group(model, 4, 32)
     assert summary["fc_group_size"] == G

@@ -8,6 +8,8 @@ feeding its own slice of the same batches, and re-assembles the head's shards to
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -71,14 +73,11 @@ class Run:
         return ZOO[self.name][1]
 
     def model(self) -> nn.Module:
-        """torchvision's model, seeded, with dropout and stochastic depth off (random masks cannot match)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            model = torchvision.models.get_model(self.name, num_classes=NUM_CLASSES, **self.kwargs)
-        for m in model.modules():
-            if isinstance(m, nn.Dropout | torchvision.ops.StochasticDepth):
-                m.p = 0.0
-        return model.to(self.dtype)
+        """torchvision's model, seeded, with dropout and stochastic depth off (random masks cannot match).
+        A fresh copy each call, of the last model built when it is asked for again (the same bits: a
+        test builds one for the hybrid and one for the single device, and a large head takes seconds
+        to initialise)."""
+        return copy.deepcopy(_built(self.name, self.dtype, self.seed))
 
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed + 1)
@@ -91,6 +90,17 @@ class Run:
             for _ in range(self.steps)
         ]
         return [(x.flip(0), y.flip(0)) for x, y in out] if self.reverse else out
+
+
+@functools.lru_cache(maxsize=1)  # one model held, not the zoo's gigabytes
+def _built(name: str, dtype: torch.dtype, seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(name, num_classes=NUM_CLASSES, **ZOO[name][0])
+    for m in model.modules():
+        if isinstance(m, nn.Dropout | torchvision.ops.StochasticDepth):
+            m.p = 0.0
+    return model.to(dtype)
 
 
 def _snapshot(model: nn.Module, grads: list[dict]) -> dict:

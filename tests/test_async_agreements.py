@@ -9,6 +9,7 @@ different partition counts still issue one sequence of collectives and train the
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -162,6 +163,14 @@ def _train(comm, run: zoo.Run, model, trunk_sync: str, scheme: str):
     return {n: p.detach().clone() for n, p in hybrid.named_parameters()}, sequence, caps, n
 
 
+@functools.cache
+def _serialised(K: int) -> tuple[zoo.Run, list]:
+    """ResNet-18 on K workers, scheme c, and its serialised path's run: the same for both cases of
+    the test below (a fast link changes the pipelined side only), so run once per K."""
+    run = zoo.Run("resnet18", workers=K, local_batch=2, steps=4, dtype=torch.float32)
+    return run, run_emulated(K, _train, run, run.model(), "bucketed", "c")
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("K", [2, 3])
 @pytest.mark.parametrize("fast_worker_0", [False, True])
@@ -172,13 +181,11 @@ def test_workers_proposing_different_caps_issue_one_sequence_and_train_the_same_
     every sum done at the end of its backward (a fast link) and proposes them all. Either way
     every worker issues the same collectives in the same order and ends with the serialised
     path's bits."""
-    run = zoo.Run("resnet18", workers=K, local_batch=2, steps=4, dtype=torch.float32)
-    model = run.model()
-    want = run_emulated(K, _train, run, model, "bucketed", "c")
+    run, want = _serialised(K)
     if fast_worker_0:
         ready = Handle.ready
         monkeypatch.setattr(Handle, "ready", lambda self: self._comm.rank == 0 or ready(self))
-    got = run_emulated(K, _train, run, model, "pipelined", "c")
+    got = run_emulated(K, _train, run, run.model(), "pipelined", "c")
     for k, (params, sequence, caps, n) in enumerate(got):
         assert sequence == got[0][1], f"worker {k} issued a different sequence of collectives"
         later = n if fast_worker_0 else WINDOW  # the largest proposal wins, also on the workers that made a smaller one

@@ -121,14 +121,26 @@ def run_cmd(cmd, *, cwd=None, env=None, timeout: float = 240):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def concurrently(*calls):
-    """``[call() for call in calls]``, each call in a thread of its own, for independent commands
-    (``run_cmd``): their interpreters start on both cores at once instead of one after the other.
-    Nothing run this way may be timed. Every call is waited for; then the first error is raised."""
+def in_background(call):
+    """``call()`` started in a thread of its own, for an independent command (``run_cmd``) that can
+    run while the caller starts another; its future's ``result()`` waits for it and returns (or
+    raises) what it did. Nothing run this way may be timed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(call)
+    pool.shutdown(wait=False)
+    return future
+
+
+def concurrently(*calls):
+    """``[call() for call in calls]``, each call in a thread of its own (``in_background``): the
+    interpreters of independent commands start on both cores at once instead of one after the
+    other. Every call is waited for; then the first error is raised."""
+    from concurrent.futures import wait
+
+    futures = [in_background(call) for call in calls]
+    wait(futures)
     return [f.result() for f in futures]
 
 

@@ -52,7 +52,7 @@ def test_a_read_only_checkpoint_dir_is_one_line_before_step_1(tmp_path):
 def test_a_full_checkpoint_disk_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, emulated_reference):
     """Room for one checkpoint and a half: step 3's is written, step 6's is refused before a byte
     of it is written, naming what it needs and what is free; step 3's still loads."""
-    size = _du(emulated_reference / "checkpoints" / "step-00000003")
+    size = _du(emulated_reference.result() / "checkpoints" / "step-00000003")
     with _tmpfs(tmp_path / "full", (size * 3 // 2 + 4095) // 4096 * 4096) as full:
         run = _train(tmp_path / "run", *EXACT, f"checkpoint.dir={full}")
         line = _error_line(run)

@@ -35,6 +35,7 @@ def _identical(a: dict, b: dict) -> None:
 def test_sigterm_stops_after_the_step_with_its_checkpoint_and_a_relaunch_resumes_exactly(tmp_path, emulated_reference):
     """Emulated K = 2, dropout and augmentation on: SIGTERM after step 4 (fault injection) ends
     the run after the next step's vote with its checkpoint; the relaunch ends bit-identical."""
+    ref = emulated_reference.result()  # waited for first: nothing runs beside the signalled run
     stopped = _train(tmp_path / "run", *EXACT, fault="term@4")
     assert stopped.returncode == EXIT_PREEMPTED, (stopped.returncode, stopped.stderr[-3000:])
     assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
@@ -47,7 +48,7 @@ def test_sigterm_stops_after_the_step_with_its_checkpoint_and_a_relaunch_resumes
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["resumed_from_step"] == step and summary["steps"] == 8
-    _identical(_final(emulated_reference), _final(tmp_path / "run"))
+    _identical(_final(ref), _final(tmp_path / "run"))
 
 
 @pytest.mark.timeout(600)
@@ -55,6 +56,7 @@ def test_sigterm_to_torchrun_checkpoints_every_worker_and_resumes_exactly(tmp_pa
     """What Slurm, Kubernetes and spot reclaim do: SIGTERM to torchrun, which passes it on. Every
     worker finishes its step, they agree, write the checkpoint of that step and leave inside
     torchrun's grace period; the relaunch ends bit-identical to an uninterrupted run."""
+    ref = torchrun_reference.result()  # waited for first: nothing runs beside the signalled run
     cmd = [*TORCHRUN, "-m", "hybridpar.train", *TORCH_EXACT_10, f"hydra.run.dir={tmp_path / 'run'}"]
     stopped = _run(cmd, tmp_path, 280, HYBRIDPAR_FAULT="term@4")
     assert stopped.returncode != 0, stopped.stderr[-3000:]
@@ -67,7 +69,7 @@ def test_sigterm_to_torchrun_checkpoints_every_worker_and_resumes_exactly(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["resumed_from_step"] == step and summary["steps"] == 10
-    _identical(torchrun_reference, _final(tmp_path / "run"))
+    _identical(ref, _final(tmp_path / "run"))
 
 
 def test_a_stop_request_notes_the_first_signal_and_a_second_ctrl_c_interrupts():

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from hybridpar import checkpoint
+from hybridpar import checkpoint, export
 from hybridpar.comm import run_emulated
 from hybridpar.models import alexnet, build_seeded
 from hybridpar.parallel import HybridModel
@@ -153,10 +153,11 @@ def test_export_loads_into_torchvision_with_the_same_logits(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_init_from_a_state_dict_and_refusing_one_that_does_not_fit(tmp_path):
-    # The run whose weights are exported: the app's training in this process (no interpreter to start).
+    # The run whose weights are exported, and the export from its run directory: the app's training and
+    # the exporter's entry point in this process (no interpreter to start; the export test runs its command).
     train_here(tmp_path / "a", "trainer.max_steps=2", "checkpoint.every_steps=null", K=2)
     sd_file = tmp_path / "small.pt"
-    assert _run([PY, "-m", "hybridpar.export", str(tmp_path / "a"), str(sd_file)], tmp_path).returncode == 0
+    export.main([str(tmp_path / "a"), str(sd_file)])
     sd = torch.load(sd_file, weights_only=True)
     # Its only step is skipped (a NaN batch, skip_nonfinite): the final checkpoint holds the
     # weights the run started from. And a model it does not fit: launched together (independent).
@@ -259,38 +260,49 @@ class _Evil:
         return (os.system, (f"touch {self.path}",))
 
 
-@pytest.mark.timeout(300)
-def test_nan_loss_stops_naming_the_step_or_is_skipped(tmp_path):
-    stop, skip = concurrently(  # independent: launched together
-        lambda: _train(tmp_path / "a", "trainer.max_steps=6", "checkpoint.every_steps=2", fault="nan@3"),
-        lambda: _train(tmp_path / "b", "trainer.max_steps=6", "trainer.skip_nonfinite=true", fault="nan@3"),
-    )
-    assert "non-finite loss at step 3" in _error_line(stop)
-    assert [p.name for p in checkpoint.checkpoints(tmp_path / "a" / "checkpoints")] == ["step-00000002"]
-    checkpoint.verify(tmp_path / "a" / "checkpoints" / "step-00000002")  # intact
-    assert skip.returncode == 0, skip.stderr[-2000:]
-    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert summary["skipped_nonfinite_steps"] == 1 and summary["steps"] == 6
-    assert all(torch.isfinite(t).all() for t in _final(tmp_path / "b").values())
-
-
-@pytest.mark.timeout(300)
-def test_nan_loss_in_chunk_mode_leaves_the_head_of_the_last_good_step(tmp_path):
-    """fc_batch=chunk updates the head inside the step: a NaN step must still leave every weight
-    (head shards included) as the previous step left them (the momentum: test_schemes)."""
-    run = _train(
-        tmp_path / "c",
+NAN_RUNS = {  # each fed NaN images at step 3
+    "stop": ["trainer.max_steps=6", "checkpoint.every_steps=2"],
+    "skip": ["trainer.max_steps=6", "trainer.skip_nonfinite=true"],
+    "chunk": [
         "trainer.max_steps=3",
         "checkpoint.every_steps=1",
         "checkpoint.keep_last=null",
         "trainer.skip_nonfinite=true",
         "parallel.scheme=b",
         "parallel.fc_batch=chunk",
-        fault="nan@3",
-    )
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def nan_runs(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """The runs of the two NaN tests below, launched together (independent, nothing timed): each
+    one's run directory and process."""
+    tmp = tmp_path_factory.mktemp("nan")
+    runs = concurrently(*(lambda k=k: _train(tmp / k, *NAN_RUNS[k], fault="nan@3") for k in NAN_RUNS))
+    return {k: (tmp / k, run) for k, run in zip(NAN_RUNS, runs, strict=True)}
+
+
+@pytest.mark.timeout(300)
+def test_nan_loss_stops_naming_the_step_or_is_skipped(nan_runs):
+    (a, stop), (b, skip) = nan_runs["stop"], nan_runs["skip"]
+    assert "non-finite loss at step 3" in _error_line(stop)
+    assert [p.name for p in checkpoint.checkpoints(a / "checkpoints")] == ["step-00000002"]
+    checkpoint.verify(a / "checkpoints" / "step-00000002")  # intact
+    assert skip.returncode == 0, skip.stderr[-2000:]
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["skipped_nonfinite_steps"] == 1 and summary["steps"] == 6
+    assert all(torch.isfinite(t).all() for t in _final(b).values())
+
+
+@pytest.mark.timeout(300)
+def test_nan_loss_in_chunk_mode_leaves_the_head_of_the_last_good_step(nan_runs):
+    """fc_batch=chunk updates the head inside the step: a NaN step must still leave every weight
+    (head shards included) as the previous step left them (the momentum: test_schemes)."""
+    c, run = nan_runs["chunk"]
     assert run.returncode == 0, run.stderr[-2000:]
-    step2 = checkpoint.full_state_dict(tmp_path / "c" / "checkpoints" / "step-00000002")
-    step3 = checkpoint.full_state_dict(tmp_path / "c" / "checkpoints" / "step-00000003")
+    step2 = checkpoint.full_state_dict(c / "checkpoints" / "step-00000002")
+    step3 = checkpoint.full_state_dict(c / "checkpoints" / "step-00000003")
     assert any(k.startswith("classifier.") for k in step2)
     for name, t in step2.items():
         assert torch.equal(t, step3[name]), name

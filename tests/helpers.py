@@ -146,15 +146,17 @@ def concurrently(*calls):
 
 def cli_in_process(tmp_path, argv: list[str], monkeypatch) -> int | str | None:
     """Run ``hybridpar.train.cli`` with ``argv`` here; its exit code. Hydra's global state and the
-    'hybridpar' logger the run configures are put back afterwards."""
+    root and 'hybridpar' loggers the run configures are put back afterwards."""
     import logging
 
     from hydra.core.global_hydra import GlobalHydra
 
     from hybridpar import train
 
-    logger = logging.getLogger("hybridpar")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
+    # Hydra's job logging configures the root logger (a console handler on this test's captured
+    # stdout, closed with the test), the run the 'hybridpar' one: both are put back.
+    loggers = [logging.getLogger("hybridpar"), logging.getLogger()]
+    saved = [(list(lg.handlers), lg.propagate, lg.level) for lg in loggers]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["hybridpar.train", *argv])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -163,11 +165,12 @@ def cli_in_process(tmp_path, argv: list[str], monkeypatch) -> int | str | None:
             train.cli()
     finally:
         GlobalHydra.instance().clear()
-        for handler in logger.handlers:
-            if handler not in saved[0]:
-                handler.close()
-        logger.handlers[:], logger.propagate = saved[0], saved[1]
-        logger.setLevel(saved[2])
+        for lg, (handlers, propagate, level) in zip(loggers, saved, strict=True):
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(level)
     return info.value.code
 
 

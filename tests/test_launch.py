@@ -246,7 +246,9 @@ def test_a_frozen_node_is_dropped_in_seconds_and_a_replacement_grows_the_run_bac
     after = got["seconds_from_freeze"]
     logs = "\n".join(line for lines in got["lines"].values() for line in lines)
     assert got["returncodes"] == {"A": 0, "B2": 0}, logs
-    assert 2 <= after["noticed"] <= 5, after  # parallel.peer_timeout_s, not parallel.timeout_s
+    # parallel.peer_timeout_s, not parallel.timeout_s. Silence is counted from node B's last beat, which
+    # can precede its freeze line by one beat (peer_timeout_s / 6 = 0.33 s; CI read 1.85 s once).
+    assert 2 - 2 / 6 - 0.1 <= after["noticed"] <= 5, after
     assert after["training_alone"] < after["replacement_started"] < after["two_again"], after
     assert "silent for 2 s (parallel.peer_timeout_s=2)" in logs and "preempted at step" in logs, logs
     assert "resuming with 1 workers (a) from a checkpoint of 2" in logs, logs

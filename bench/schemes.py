@@ -31,7 +31,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from hybridpar import costmodel
 from hybridpar.comm import DistCommunicator
 from hybridpar.models import alexnet, build_seeded
-from hybridpar.parallel import HybridModel
+from hybridpar.parallel import HybridModel, trunk_pipeline
 from hybridpar.parallel.cost import allreduce_bytes, ddp_step_bytes
 
 
@@ -40,7 +40,9 @@ def variant_options(scheme: str, variant: str) -> dict | None:
     trunk round by round: schemes b, c), ``+mbN`` (scheme a in N micro-batches) and/or ``+bf16``
     (the trunk's sums in bf16), ``+act16`` (the features and their gradients travel in bf16:
     ``parallel.comm_dtype=bf16``, lossy), ``+wlast`` (pipelined: the deepest conv's backward in
-    autograd's order, its weight gradient not first: ``HybridModel(weight_first=False)``) and/or
+    autograd's order, its weight gradient not first: ``HybridModel(weight_first=False)``), ``+holdN``
+    (pipelined: N of the deepest layer's partitions held back to end the step's sums, not
+    ``trunk_pipeline.HOLD``) and/or
     ``+inline`` (the head's weight gradients made in its
     backward, as autograd makes them: ``parallel.defer_wgrad=false``), ``+whole`` (the head's moves in
     one message each, not in pieces: ``parallel.move_piece_mb=null``; these three for scheme a), a
@@ -61,6 +63,7 @@ def variant_options(scheme: str, variant: str) -> dict | None:
         "bf16": "bf16" in flags,
         "defer": "inline" not in flags,
         "weight_first": "wlast" not in flags,
+        "hold": next((int(f[4:]) for f in flags if f.startswith("hold")), trunk_pipeline.HOLD),
         "act16": "act16" in flags,
         "whole": "whole" in flags,
         "plan": plan,
@@ -73,6 +76,7 @@ def run(
     """``variant``: see :func:`variant_options`."""
     opts = variant_options(scheme, variant)
     pieces, comm.piece_bytes = comm.piece_bytes, None if opts["whole"] else comm.piece_bytes
+    hold, trunk_pipeline.HOLD = trunk_pipeline.HOLD, opts["hold"]  # read when the sync is made
     model = HybridModel(
         build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
         comm,
@@ -86,6 +90,7 @@ def run(
         comm_dtype=torch.bfloat16 if opts["act16"] else None,
         plan=opts["plan"],
     )
+    trunk_pipeline.HOLD = hold
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
     x, y = torch.randn(b, 3, 224, 224, generator=g), torch.randint(0, 1000, (b,), generator=g)

@@ -771,8 +771,8 @@ class _HybridStep:
             if s == deepest:
                 tl.run(seconds[s] * late)
         done = sum(1 for j in order[:k] if issued[j] <= tl.cpu)
-        rest = order[k:cap] + sorted(order[cap:]) + ([] if layout.held is None else [layout.held])
-        for j in rest:  # forward order, the held-back deepest partition last
+        rest = order[k:cap] + sorted(order[cap:]) + layout.held
+        for j in rest:  # forward order, the held-back deepest partitions last
             issued[j] = _issue_sum(tl, link, layout.sizes[j], K, self.gi, cast)
         # This step's proposal, agreed (the workers' largest: the slowest worker sets the pace, as
         # here) and taken two steps on; issued now, waited for long after: its call time only.

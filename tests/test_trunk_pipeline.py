@@ -15,7 +15,7 @@ import torch
 from hybridpar import hybridize
 from hybridpar.comm import run_emulated
 from hybridpar.parallel import assemble
-from hybridpar.parallel.trunk_pipeline import _Piece, partitions, schedule
+from hybridpar.parallel.trunk_pipeline import HOLD, _Piece, partitions, schedule
 from tests import zoo
 from tests.helpers import concurrently, results, run_gloo
 
@@ -148,14 +148,20 @@ def test_partitions_cut_the_flat_gradients_into_equal_pieces():
     assert partitions([3], cap=40) == [[_Piece(0, 0, 3)]]
 
 
-def test_the_deepest_partition_goes_last_when_that_costs_nothing():
-    """The backward issues deepest first but holds back the deepest partition when the one before
-    it ends in the same parameter (ready at the same moment); the end of the backward sends the rest
-    in forward order, the held one last. Two parameters of one partition each: nothing is held."""
+def test_the_deepest_partitions_go_last_when_that_costs_nothing():
+    """The backward issues deepest first but holds back the deepest partitions (HOLD of them) of
+    the deepest parameter spanning several, leaving its first to the backward (ready at the same
+    moment); the end of the backward sends the rest in forward order, the held ones last. Two
+    parameters of one partition each: nothing is held."""
+    assert HOLD == 2
     parts = partitions([10, 5, 20, 100, 30], cap=40)  # the last parameter spans partitions 3 and 4
-    assert schedule(parts) == ([3, 2, 1, 0], 4)
-    assert schedule(partitions([40, 40], cap=40)) == ([1, 0], None)
-    assert schedule(partitions([7], cap=40)) == ([0], None)
+    assert schedule(parts) == ([3, 2, 1, 0], [4])
+    parts = partitions([10, 200], cap=40)  # the last parameter spans all six: its two deepest held
+    assert schedule(parts) == ([3, 2, 1, 0], [4, 5])
+    assert schedule(parts, hold=1) == ([4, 3, 2, 1, 0], [5])
+    assert schedule(parts, hold=9) == ([0], [1, 2, 3, 4, 5])  # the first always left to the backward
+    assert schedule(partitions([40, 40], cap=40)) == ([1, 0], [])
+    assert schedule(partitions([7], cap=40)) == ([0], [])
 
     # The code's own order: the last sum issued in a step is the deepest partition's.
     run = zoo.Run("resnet18", workers=2, local_batch=2, steps=1, dtype=torch.float32)
@@ -176,7 +182,7 @@ def test_the_deepest_partition_goes_last_when_that_costs_nothing():
     orders = run_emulated(2, worker)
     assert orders[0][0] == orders[1][0]  # one sequence on every worker
     order, n, held = orders[0]
-    assert sorted(order) == list(range(n)) and held == n - 1 and order[-1] == n - 1
+    assert sorted(order) == list(range(n)) and held == [n - 2, n - 1] and order[-2:] == held
 
 
 def test_pipelined_needs_the_optimizer():

@@ -12,8 +12,9 @@ only once the last byte is in. On a slow link that wait is most of the step. Her
   through the backward's long stages but never queued far ahead of the next forward's needs;
 * at the end of the backward the rest go out in **forward order** — the partition the next
   forward needs first goes first, although the backward made it last (priority-based parameter
-  propagation); the deepest partition is held back to go last where that costs the link nothing
-  (:func:`schedule`), so the step's last sum gates only the deepest layer's forward;
+  propagation); the deepest layer's last partitions are held back to go last where that costs the
+  link nothing (:func:`schedule`), so the step's last sums gate only the deepest layer's forward
+  and travel while the layer before it runs;
 * the optimizer step of the trunk is deferred: when the trainer's ``optimizer.step()`` updates the
   head, the step's hyperparameters are kept, and each parameter's update is applied with them
   right before the next forward first uses its module — so the forward of layer l waits for
@@ -49,6 +50,10 @@ from hybridpar.errors import ConfigError
 PARTITION_ELEMENTS = 1 << 17
 # Partitions in flight during the backward: enough to keep the link busy between hooks.
 WINDOW = 2
+# The deepest layer's partitions held back to end the step's sums (:func:`schedule`): two (1 MB,
+# 84 ms at 100 Mbit/s) cover the forward of AlexNet's conv4 at b = 16 (31 ms here), which
+# otherwise ran on an idle link after the last sum (measured: 48 ms of idle link with one held).
+HOLD = 2
 
 
 @dataclass(frozen=True)
@@ -76,16 +81,20 @@ def partitions(numels: Sequence[int], cap: int = PARTITION_ELEMENTS) -> list[lis
     return [part for part in out if part]
 
 
-def schedule(parts: Sequence[Sequence[_Piece]]) -> tuple[list[int], int | None]:
+def schedule(parts: Sequence[Sequence[_Piece]], hold: int | None = None) -> tuple[list[int], list[int]]:
     """The partitions' issue order: ``(backward, held)``. During the backward, partitions go in
     ``backward`` order (deepest first) as they are ready; at its end the rest go in forward order
-    and ``held`` (if any) last. ``held`` is the deepest partition when the partition before it ends
-    in the same parameter: both are ready at the same moment, so sending the one before first costs
-    the link nothing, and the step's last sum is then the one the next forward needs last (its
-    deepest layer) — not a layer with another after it whose forward would wait on the link."""
+    and ``held`` last, in forward order. ``held`` is the deepest ``hold`` partitions of the deepest
+    parameter that spans several, its first partition always left to the backward: they are ready
+    at the same moment as the ones issued then (one parameter's gradient), so sending those first
+    costs the link nothing, and the step's last sums are then the ones the next forward needs last
+    (its deepest layer): while they travel the layer before it runs, where the link would
+    otherwise stand idle from the last byte of the step's sums to the features' first move.
+    ``hold``: :data:`HOLD` (read at the call: a benchmark may set it to compare)."""
     n = len(parts)
-    held = n - 1 if n >= 2 and parts[-2][-1].param == parts[-1][0].param else None
-    return [j for j in range(n - 1, -1, -1) if j != held], held
+    span = [j for j in range(n) if any(piece.param == parts[-1][0].param for piece in parts[j])]
+    held = span[max(1, len(span) - (HOLD if hold is None else hold)) :]
+    return [j for j in range(n - 1, -1, -1) if j not in held], held
 
 
 def propose_cap(done: int, cap: int, window: int, n: int) -> int:
@@ -230,8 +239,8 @@ class PipelinedTrunkSync:
             self._issue(self._backward[k])
         for j in sorted(self._backward[self.cap :]):  # the rest, first layers first
             self._issue(j)
-        if self._held is not None:
-            self._issue(self._held)
+        for j in self._held:  # the deepest layer's last: the next forward needs them last
+            self._issue(j)
         if self._proposal is not None:  # the proposals of a step ago (in long since): the next step's cap
             self.cap = min(self._proposal.wait(), len(self._backward))
         mine = propose_cap(done, self.cap, self.window, len(self._backward))

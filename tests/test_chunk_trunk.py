@@ -9,8 +9,6 @@ K = 2, 3, 4 with uneven rounds, and gloo K = 2) and against the torch-only singl
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -81,12 +79,6 @@ def test_micro_batches_equal_one_pass(K, b, m, trunk_sync):
     assert not torch.equal(got["classifier.1.weight"], model.classifier[1].weight)  # it trained
 
 
-@functools.cache
-def _one_device(run: zoo.Run) -> dict[str, torch.Tensor]:
-    """The torch-only single-device loop's final weights: the same for every scheme, run once."""
-    return zoo.reference(run, run.model())["params"]
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("scheme, chunk, micro", [("a", False, 3), ("b", True, 1), ("c", True, 1)])
 def test_chunked_trunk_equals_one_device(scheme, chunk, micro):
@@ -94,7 +86,7 @@ def test_chunked_trunk_equals_one_device(scheme, chunk, micro):
     run = zoo.Run("alexnet", workers=3, local_batch=3, steps=2)
     model = run.model()
     got = _assembled(run_emulated(3, _train, run, model, scheme, chunk, "pipelined", "full", micro))
-    one = _one_device(run)
+    one = zoo.one_device_params(run)  # the same loop for every scheme (and tests/test_weight_first.py)
     scale = max(t.abs().max().item() for t in one.values())
     for n, t in one.items():
         torch.testing.assert_close(got[n], t, rtol=1e-7, atol=1e-7 * scale, msg=n)

@@ -125,6 +125,13 @@ def reference(run: Run, model: nn.Module) -> dict:
     return _snapshot(model, grads) | {"logits": logits0}
 
 
+@functools.lru_cache(maxsize=2)
+def one_device_params(run: Run) -> dict[str, torch.Tensor]:
+    """``reference(run, run.model())["params"]``: the single-device loop's final weights, run once per
+    ``run`` (tests of several options compare against the same loop). Read only."""
+    return reference(run, run.model())["params"]
+
+
 def _worker(comm, run: Run, model: nn.Module, options: dict) -> dict:
     # Every worker wraps the same model: hybridize copies what it keeps and never changes the model.
     hybrid = hybridize(model, comm, **options)

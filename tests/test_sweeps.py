@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from hybridpar import runtime
-from tests.helpers import run_cmd
+from tests.helpers import concurrently, run_cmd
 
 TRAIN = [sys.executable, "-m", "hybridpar.train"]
 SHORT = ["trainer.max_steps=3", "trainer.progress=false", "checkpoint.every_steps=null"]
@@ -39,16 +39,56 @@ def _sweep(tmp_path: Path, *overrides: str) -> list[Path]:
     return sorted((p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
+SWEEPS = {
+    # Each point one submitit job of two worker tasks.
+    "submitit": (
+        "hydra_plugins.hydra_submitit_launcher",
+        [
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.timeout_min=4",
+            "optim.lr=0.01,0.02",
+        ],
+    ),
+    # Three trials maximising held-out top-1.
+    "optuna": (
+        "hydra_plugins.hydra_optuna_sweeper",
+        [
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.direction=maximize",
+            "hydra.sweeper.sampler.seed=0",
+            "optim.lr=tag(log, interval(0.001, 0.1))",
+            "optim.weight_decay=interval(0, 0.001)",
+            "parallel.emulate=2",
+            "logger=none",
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory) -> dict[str, list[Path]]:
+    """Each installed sweep's job directories. The sweeps are independent and nothing in them is
+    timed: launched together."""
+    import importlib.util
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            return False
+
+    names = [name for name, (plugin, _) in SWEEPS.items() if installed(plugin)]
+    dirs = {name: tmp_path_factory.mktemp(name) for name in names}
+    jobs = concurrently(*(lambda name=name: _sweep(dirs[name], *SWEEPS[name][1]) for name in names))
+    return dict(zip(names, jobs, strict=True))
+
+
 @pytest.mark.timeout(300)
-def test_a_submitit_sweep_runs_each_point_as_one_job_of_two_worker_tasks(tmp_path):
+def test_a_submitit_sweep_runs_each_point_as_one_job_of_two_worker_tasks(sweeps):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[sweeps]'")
-    jobs = _sweep(
-        tmp_path,
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.tasks_per_node=2",
-        "hydra.launcher.timeout_min=4",
-        "optim.lr=0.01,0.02",
-    )
+    jobs = sweeps["submitit"]
     assert [p.name for p in jobs] == ["0", "1"]
     for job, lr in zip(jobs, (0.01, 0.02), strict=True):
         summary = json.loads((job / "summary.json").read_text())
@@ -130,19 +170,9 @@ def test_two_processes_started_as_srun_starts_them_train_as_two_workers(tmp_path
 
 
 @pytest.mark.timeout(300)
-def test_an_optuna_sweep_of_three_trials_maximises_held_out_top1(tmp_path):
+def test_an_optuna_sweep_of_three_trials_maximises_held_out_top1(sweeps):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[sweeps]'")
-    jobs = _sweep(
-        tmp_path,
-        "hydra/sweeper=optuna",
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.direction=maximize",
-        "hydra.sweeper.sampler.seed=0",
-        "optim.lr=tag(log, interval(0.001, 0.1))",
-        "optim.weight_decay=interval(0, 0.001)",
-        "parallel.emulate=2",
-        "logger=none",
-    )
+    jobs = sweeps["optuna"]
     assert [p.name for p in jobs] == ["0", "1", "2"]
     trials = []
     for job in jobs:

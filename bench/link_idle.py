@@ -29,12 +29,10 @@ import time
 import torch
 import torch.distributed as dist
 from rate_ab import set_rate  # bench/rate_ab.py, beside this script
-from schemes import variant_options  # bench/schemes.py
+from schemes import hybrid_model, variant_options  # bench/schemes.py
 
 from hybridpar.comm import DistCommunicator
 from hybridpar.comm import base as comm_base
-from hybridpar.models import alexnet, build_seeded
-from hybridpar.parallel import HybridModel
 
 EVENTS: list[tuple[float, float, str]] = []  # (start, end, what), time.monotonic seconds
 
@@ -110,17 +108,11 @@ def main() -> None:
     comm = DistCommunicator()
     set_rate(args.rate)
     opts = variant_options(args.scheme, args.variant)
-    model = HybridModel(
-        build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
-        comm,
-        overlap=True,
-        trunk_sync=opts["trunk_sync"],
-        chunk_trunk=opts["chunk_trunk"],
-        micro_batches=opts["micro_batches"],
-        trunk_comm_dtype=torch.bfloat16 if opts["bf16"] else None,
-        weight_first=opts["weight_first"],
-        plan=opts["plan"],
-    )
+    if opts is None:
+        ap.error(f"the variant {args.variant!r} does not apply to scheme {args.scheme}")
+    if opts["whole"]:
+        comm.piece_bytes = None
+    model = hybrid_model(comm, opts, overlap=True)
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
             m.register_forward_pre_hook(lambda *_, name=name: EVENTS.append((time.monotonic(),) * 2 + (f"{name} >",)))

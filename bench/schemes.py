@@ -70,27 +70,35 @@ def variant_options(scheme: str, variant: str) -> dict | None:
     }
 
 
+def hybrid_model(comm, opts: dict, overlap: bool) -> HybridModel:
+    """Full-size AlexNet (seed 0, dropout off) as the hybrid with a variant's options
+    (:func:`variant_options`); the communicator's piece size is the caller's."""
+    hold, trunk_pipeline.HOLD = trunk_pipeline.HOLD, opts["hold"]  # read when the sync is made
+    try:
+        return HybridModel(
+            build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
+            comm,
+            overlap=overlap,
+            trunk_sync=opts["trunk_sync"],
+            chunk_trunk=opts["chunk_trunk"],
+            micro_batches=opts["micro_batches"],
+            trunk_comm_dtype=torch.bfloat16 if opts["bf16"] else None,
+            defer_wgrad=opts["defer"],
+            weight_first=opts["weight_first"],
+            comm_dtype=torch.bfloat16 if opts["act16"] else None,
+            plan=opts["plan"],
+        )
+    finally:
+        trunk_pipeline.HOLD = hold
+
+
 def run(
     comm, scheme: str, overlap: bool, b: int, steps: int, warmup: int, variant: str = "bucketed"
 ) -> dict[str, float]:
     """``variant``: see :func:`variant_options`."""
     opts = variant_options(scheme, variant)
     pieces, comm.piece_bytes = comm.piece_bytes, None if opts["whole"] else comm.piece_bytes
-    hold, trunk_pipeline.HOLD = trunk_pipeline.HOLD, opts["hold"]  # read when the sync is made
-    model = HybridModel(
-        build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
-        comm,
-        overlap=overlap,
-        trunk_sync=opts["trunk_sync"],
-        chunk_trunk=opts["chunk_trunk"],
-        micro_batches=opts["micro_batches"],
-        trunk_comm_dtype=torch.bfloat16 if opts["bf16"] else None,
-        defer_wgrad=opts["defer"],
-        weight_first=opts["weight_first"],
-        comm_dtype=torch.bfloat16 if opts["act16"] else None,
-        plan=opts["plan"],
-    )
-    trunk_pipeline.HOLD = hold
+    model = hybrid_model(comm, opts, overlap)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(comm.rank)
     x, y = torch.randn(b, 3, 224, 224, generator=g), torch.randint(0, 1000, (b,), generator=g)

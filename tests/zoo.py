@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import hashlib
 from dataclasses import dataclass
 
@@ -104,11 +105,19 @@ def _built(name: str, dtype: torch.dtype, seed: int) -> nn.Module:
 
 
 def _snapshot(model: nn.Module, grads: list[dict]) -> dict:
+    """The trained ``model``'s tensors, not copied: the model is not used again once trained (its
+    caller drops it), and copies of VGG's float64 head would take gigabytes more."""
     return {
         "grads": grads,
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "buffers": {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()},
+        "params": {n: p.detach() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach() for n, b in model.named_buffers() if b.is_floating_point()},
     }
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This step's gradients, not copied: ``zero_grad(set_to_none=True)`` drops them before the next
+    backward makes new ones, and neither SGD's step nor anything else writes into them."""
+    return {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def reference(run: Run, model: nn.Module) -> dict:
@@ -120,7 +129,7 @@ def reference(run: Run, model: nn.Module) -> dict:
         logits = model(x)
         F.cross_entropy(logits, y).backward()
         logits0 = (logits.flip(0) if run.reverse else logits).detach() if logits0 is None else logits0
-        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads.append(_grads(model))
         opt.step()
     return _snapshot(model, grads) | {"logits": logits0}
 
@@ -142,7 +151,7 @@ def _worker(comm, run: Run, model: nn.Module, options: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         _, logits = hybrid.train_step(x[lo:hi], y[lo:hi])
         logits0 = logits if logits0 is None else logits0
-        grads.append({n: p.grad.detach().clone() for n, p in hybrid.named_parameters() if p.grad is not None})
+        grads.append(_grads(hybrid))
         opt.step()
     out = _snapshot(hybrid, grads) | {"logits": logits0, "specs": hybrid.shard_specs()}
     # Replicated tensors (trunk, BatchNorm statistics): worker 0's are compared; the others send a
@@ -165,14 +174,25 @@ def hybrid(run: Run, model: nn.Module, launch=run_emulated, **options) -> dict:
     """K workers (emulated, or ``launch(K, fn, *args)`` -> results in rank order) running
     ``hybridize(model, comm, **options)``; their shards re-assembled into single-device tensors."""
     workers = launch(run.workers, _worker, run, model, options)
+    # A hybrid model is in reference cycles (its trunk's graph runner and hooks refer back to it):
+    # the workers' models and optimizer states, gigabytes for VGG in float64, go only at a cyclic
+    # collection, and the reference's loop would otherwise allocate on top of them.
+    gc.collect()
     specs = workers[0]["specs"]
-    out = {key: assemble([w[key] for w in workers], specs) for key in ("params", "buffers")}
-    out["grads"] = [assemble([w["grads"][s] for w in workers], specs) for s in range(run.steps)]
-    out["logits"] = torch.cat([w["logits"] for w in workers])
     # The trunk and the BatchNorm statistics are replicas: every worker must hold the same bits.
-    out["replicas_differ"] = sorted(
-        n for n, d in workers[0]["digests"].items() if any(w["digests"][n] != d for w in workers[1:])
-    )
+    out = {
+        "logits": torch.cat([w["logits"] for w in workers]),
+        "replicas_differ": sorted(
+            n for n, d in workers[0]["digests"].items() if any(w["digests"][n] != d for w in workers[1:])
+        ),
+        "grads": [],
+    }
+    # Each part assembled, then the workers' pieces of it let go: whole and shards of every part at
+    # once would hold VGG's float64 head several times over (memory beyond ~10 GB is slow to get here).
+    for key in ("params", "buffers"):
+        out[key] = assemble([w.pop(key) for w in workers], specs)
+    for _ in range(run.steps):
+        out["grads"].append(assemble([w["grads"].pop(0) for w in workers], specs))
     return out
 
 

@@ -38,13 +38,12 @@ def _malloc_trim():
 def _release_memory():
     """This process's memory back to what it holds for good after any test that grew it.
 
-    A discarded hybrid model sits in reference cycles (its trunk's graph runner and hooks point back
-    at it): its parameters, gradients and optimizer state go only at a cyclic collection, which
-    counts Python objects, not bytes. And tensors freed by the emulated workers' threads stay in
-    those threads' malloc arenas. Left alone, the suite's process grew to ~6 GB, and memory past
-    ~10 GB in use on this 24 GB machine took seconds per gigabyte to get: the float64 VGG and wide
-    ResNet checks ran three times slower in the suite than alone. One collection and trim costs
-    ~0.1 s, so only after a test that grew the process."""
+    Tensors freed by the emulated workers' threads stay in those threads' malloc arenas, and what a
+    test leaves in reference cycles goes only at a cyclic collection (which counts Python objects,
+    not bytes). Left alone the suite's process grew to ~6 GB, and memory past ~10 GB in use on this
+    24 GB machine took seconds per gigabyte to get: the float64 VGG and wide ResNet checks ran up
+    to three times slower in the suite than alone. One collection and trim costs ~0.1 s, so only
+    after a test that grew the process."""
     if os.name != "posix":
         yield
         return

@@ -1,7 +1,7 @@
 """Every torchvision classification CNN that fits a CPU test budget, through ``hybridize`` on
 emulated workers, against a plain single-device loop written from torch alone (``tests/zoo.py``):
-2 SGD steps with momentum 0.9, dropout and stochastic depth off; the logits, every parameter,
-every step's gradients and the BatchNorm running statistics.
+2 SGD steps (VGG-11-BN in float64: 1, ``ONE_STEP``) with momentum 0.9, dropout and stochastic
+depth off; the logits, every parameter, every step's gradients and the BatchNorm running statistics.
 
 Tolerance. In float64 the hybrid must agree to rtol 1e-7 and an absolute 1e-7 of the scale of
 each kind of tensor (the largest logit, parameter, running statistic, or gradient of that step):
@@ -26,6 +26,12 @@ from tests.zoo import REFUSED, ZOO, Run, assert_equal, compare, hybrid, max_erro
 SUPPORTED = [n for n in ZOO if n not in REFUSED]
 NO_BATCHNORM = ["alexnet", "vgg11"]  # float32 meets rtol 1e-5 / atol 1e-6 there (and float64 costs 2× their big heads)
 FP64 = {"rtol": 1e-7, "atol_scaled": 1e-7}
+# VGG-11-BN's head is 120M float64 entries: over two steps the hybrid's and the single device's
+# weights, momenta and both steps' gradients come to ~10 GB at once, past what memory gives quickly
+# here (each gigabyte beyond took seconds). One step checks its logits, gradients, update and
+# BatchNorm statistics; the second step (momentum, the updated weights' forward) is checked on the
+# other BatchNorm networks.
+ONE_STEP = {"vgg11_bn": 1}
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 
 # The float64 single-device runs that later tests compare against again, computed once: the first
@@ -41,17 +47,17 @@ def _reference(run: Run) -> dict:
     if run in _REFERENCES:
         return _REFERENCES[run]
     want = reference(run, run.model())
-    if run == Run(run.name):
+    if run == Run(run.name, steps=run.steps):  # the first forward's logits, whatever the number of steps
         _EXACT_LOGITS[run.name] = want["logits"]
-        if run.name in _SHARED:
-            _REFERENCES[run] = want
+    if run == Run(run.name) and run.name in _SHARED:
+        _REFERENCES[run] = want
     return want
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", [n for n in SUPPORTED if n not in NO_BATCHNORM])
 def test_zoo_equals_the_single_device_fp64(name):
-    run = Run(name)
+    run = Run(name, steps=ONE_STEP.get(name, 2))
     assert_equal(run, hybrid(run, run.model()), _reference(run), **FP64)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import hashlib
 from dataclasses import dataclass
 
@@ -174,10 +173,6 @@ def hybrid(run: Run, model: nn.Module, launch=run_emulated, **options) -> dict:
     """K workers (emulated, or ``launch(K, fn, *args)`` -> results in rank order) running
     ``hybridize(model, comm, **options)``; their shards re-assembled into single-device tensors."""
     workers = launch(run.workers, _worker, run, model, options)
-    # A hybrid model is in reference cycles (its trunk's graph runner and hooks refer back to it):
-    # the workers' models and optimizer states, gigabytes for VGG in float64, go only at a cyclic
-    # collection, and the reference's loop would otherwise allocate on top of them.
-    gc.collect()
     specs = workers[0]["specs"]
     # The trunk and the BatchNorm statistics are replicas: every worker must hold the same bits.
     out = {

@@ -23,6 +23,7 @@ the trunk, or an operation that reduces over the batch dimension in the trunk's 
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -179,19 +180,32 @@ class TrunkRunner:
     """Runs the traced trunk graph of the root's current mode; modules are looked up in the root
     at every call, so a module replaced or compiled in place afterwards is the one that runs.
     ``before``, if set, is called with a module's or attribute's name right before the graph
-    first uses it (the pipelined trunk sync applies that layer's pending update there)."""
+    first uses it (the pipelined trunk sync applies that layer's pending update there).
+
+    The root is held weakly and the graph's interpreter made per call: the root keeps its runner
+    (a hybrid model holds the runner of its own trunk), and a reference back would put the whole
+    model — parameters, gradients, optimizer state — in a cycle that only a cyclic collection
+    frees, gigabytes held after a model is dropped (models built one after another in a sweep)."""
 
     def __init__(self, root: nn.Module, graphs: dict[bool, fx.Graph]):
-        self.root = root
+        self._root = weakref.ref(root)
         self.before: Callable[[str], None] | None = None
-        self.interpreters = {mode: _Interpreter(self, root, g) for mode, g in graphs.items()}
+        self.graphs = graphs
+
+    @property
+    def root(self) -> nn.Module:
+        root = self._root()
+        if root is None:
+            raise ReferenceError("the module this trunk runner ran over no longer exists")
+        return root
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.interpreters[self.root.training].run(x)
+        root = self.root
+        return _Interpreter(self, root, self.graphs[root.training]).run(x)
 
     def owners(self, training: bool = True) -> list[str]:
         """The names the graph's ``call_module`` and ``get_attr`` nodes use, in the order it runs them."""
-        return graph_targets(self.interpreters[training].graph, ("call_module", "get_attr"))
+        return graph_targets(self.graphs[training], ("call_module", "get_attr"))
 
 
 def graph_targets(graph: fx.Graph, ops: tuple[str, ...]) -> list[str]:

@@ -174,7 +174,7 @@ class HybridModel(nn.Module):
             named, trunk_comm, world, cap=partition_cap, window=WINDOW if overlap else 0, wire=self.trunk_comm_dtype
         )
         self._hook_owners([o for o, _ in named])
-        self._trunk.before = functools.partial(_before_attribute, weakref.ref(self.trunk_sync), self)
+        self._trunk.before = functools.partial(_before_attribute, weakref.ref(self.trunk_sync), weakref.ref(self))
         deepest = self._deepest_trunk_layer() if weight_first else None
         if deepest is not None:
             weight_grads_first(deepest, self.trunk_sync)  # the first partitions leave before its input gradient
@@ -430,9 +430,11 @@ def _before_module(sync: weakref.ref, owner: str, _module: nn.Module, _args) -> 
         target.before(owner)
 
 
-def _before_attribute(sync: weakref.ref, root: nn.Module, name: str) -> None:
-    target = sync()
-    if target is not None and not _is_module(root, name):
+def _before_attribute(sync: weakref.ref, root: weakref.ref, name: str) -> None:
+    # Both held weakly: the model holds this hook (through its trunk runner), and a reference back
+    # would keep a dropped model alive until a cyclic collection.
+    target, module = sync(), root()
+    if target is not None and module is not None and not _is_module(module, name):
         target.before(name)
 
 

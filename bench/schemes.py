@@ -317,6 +317,9 @@ def main() -> None:
     ap.add_argument("--rate", default="", help="the link's nominal rate (recorded only), e.g. 1gbit")
     ap.add_argument("--json", help="append the results as one JSON line to this file (rank 0)")
     ap.add_argument("--calibrate-only", action="store_true", help="measure the link, print it as JSON, stop")
+    ap.add_argument(
+        "--profile-each", action="store_true", help="profile the compute again before each scheme (rows carry theirs)"
+    )
     ap.add_argument("--workers-on-machine", type=int, default=0, help="workers sharing this machine's cores (0: all)")
     args = ap.parse_args()
     dist.init_process_group("gloo")
@@ -344,17 +347,26 @@ def main() -> None:
         dist.barrier()
         dist.destroy_process_group()
         os._exit(0)
+
     # Both workers profile at once, as they compute at once in the runs (shared memory bandwidth).
-    profile = costmodel.measure_profile(
-        build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
-        224,
-        args.batch,
-        reps=3,
-        head_rows=args.batch * comm.world_size,
-        trunk_rows=[args.batch // 2, args.batch // 4, args.batch // 8],  # the chunks: rounds, micro-batches
-    )
+    def measure() -> costmodel.Profile:
+        return costmodel.measure_profile(
+            build_seeded(lambda: alexnet(1000, dropout=0.0), 0),
+            224,
+            args.batch,
+            reps=3,
+            head_rows=args.batch * comm.world_size,
+            trunk_rows=[args.batch // 2, args.batch // 4, args.batch // 8],  # the chunks: rounds, micro-batches
+        )
+
+    first = profile = measure()
     rows = []
-    for scheme in args.schemes.split(","):
+    for i, scheme in enumerate(args.schemes.split(",")):
+        # --profile-each: measured again right before each scheme's runs, so that a prediction rests on
+        # the machine's speed of the same minute (it drifts by up to ~10% within one invocation here).
+        if args.profile_each and i > 0:
+            profile = measure()
+        start = len(rows)
         if scheme.startswith("ddp"):
             hook = scheme.partition("/")[2]
             pred = costmodel.step_time(
@@ -370,6 +382,7 @@ def main() -> None:
                     "predicted": None if hook == "powersgd" else pred.step_s,  # not modelled
                     "predicted_compute": pred.compute_s,
                 }
+                | ({"profile": json.loads(profile.to_json())} if args.profile_each else {})
             )
             continue
         serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
@@ -377,6 +390,10 @@ def main() -> None:
             if variant_options(scheme, variant) is None:
                 continue
             rows.append(_row(comm, args, scheme, variant, serial, profile, link))
+        if args.profile_each:
+            for r in rows[start:]:
+                r["profile"] = json.loads(profile.to_json())
+    profile = first
     sync = trunk_sync_times(comm, sum(p.numel() for p in alexnet(1000).features.parameters()))
     if comm.rank == 0:
         print(

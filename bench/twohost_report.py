@@ -102,7 +102,9 @@ def repredict(records: list[dict]) -> None:
             cpu_s_per_bf16_byte=rec.get("cpu_s_per_bf16_byte", 0.0),
         )
         for r in rec["rows"]:
-            r["predicted"] = predict(prof, link, r["scheme"], rec["K"], rec["batch"])
+            # A row measured with --profile-each carries the profile taken right before its scheme.
+            own = costmodel.Profile.from_json(json.dumps(r["profile"])) if "profile" in r else prof
+            r["predicted"] = predict(own, link, r["scheme"], rec["K"], rec["batch"])
 
 
 def _fmt(v, fmt: str) -> str:

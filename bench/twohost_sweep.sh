@@ -25,7 +25,7 @@ for rate in ${RATES:-100mbit 1gbit 10gbit}; do
     if [ "$batch" -le 64 ]; then schemes="a,b,c" more=""; else schemes="a,c" more=",pipelined+mb16+ccr"; fi
     bash bench/twohost.sh "$rate" bench/schemes.py --batch "$batch" --steps "$steps" --warmup "$warmup" \
       --schemes "${SCHEMES:-$schemes,ddp,ddp/bf16,ddp/powersgd}" --trunk-sync "${VARIANTS:-bucketed,pipelined+inline,pipelined,pipelined+bf16,pipelined+bf16+act16,pipelined+chunk,pipelined+mb4,pipelined+mb8$more}" \
-      --rate "$rate" --json "$out" 2>&1 | grep -v -e '^\[W' -e Warning
+      --rate "$rate" --profile-each --json "$out" 2>&1 | grep -v -e '^\[W' -e Warning
   done
 done
 "${PYTHON:-python}" bench/twohost_report.py "$out"

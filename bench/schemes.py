@@ -359,18 +359,17 @@ def main() -> None:
             trunk_rows=[args.batch // 2, args.batch // 4, args.batch // 8],  # the chunks: rounds, micro-batches
         )
 
-    first = profile = measure()
+    profile = measure()  # the record's: the one taken before the first scheme
     rows = []
     for i, scheme in enumerate(args.schemes.split(",")):
         # --profile-each: measured again right before each scheme's runs, so that a prediction rests on
         # the machine's speed of the same minute (it drifts by up to ~10% within one invocation here).
-        if args.profile_each and i > 0:
-            profile = measure()
+        now = measure() if args.profile_each and i > 0 else profile
         start = len(rows)
         if scheme.startswith("ddp"):
             hook = scheme.partition("/")[2]
             pred = costmodel.step_time(
-                profile, link, "ddp", comm.world_size, args.batch, grad_itemsize=2 if hook == "bf16" else 4
+                now, link, "ddp", comm.world_size, args.batch, grad_itemsize=2 if hook == "bf16" else 4
             )
             d = run_ddp(comm, args.batch, max(2, args.steps // 2), max(2, args.warmup // 2), hook)
             rows.append(
@@ -382,18 +381,15 @@ def main() -> None:
                     "predicted": None if hook == "powersgd" else pred.step_s,  # not modelled
                     "predicted_compute": pred.compute_s,
                 }
-                | ({"profile": json.loads(profile.to_json())} if args.profile_each else {})
             )
-            continue
-        serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
-        for variant in args.trunk_sync.split(","):
-            if variant_options(scheme, variant) is None:
-                continue
-            rows.append(_row(comm, args, scheme, variant, serial, profile, link))
+        else:
+            serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
+            for variant in args.trunk_sync.split(","):
+                if variant_options(scheme, variant) is not None:
+                    rows.append(_row(comm, args, scheme, variant, serial, now, link))
         if args.profile_each:
             for r in rows[start:]:
-                r["profile"] = json.loads(profile.to_json())
-    profile = first
+                r["profile"] = json.loads(now.to_json())
     sync = trunk_sync_times(comm, sum(p.numel() for p in alexnet(1000).features.parameters()))
     if comm.rank == 0:
         print(

@@ -31,6 +31,13 @@ def pytest_sessionstart(session):
             pass
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``big_memory`` first, the rest in their usual order. They hold several GB at
+    once, and on this kind of VM memory given back and taken again comes slowly: at the end of the
+    suite the float64 VGG-11-BN check took 27-32 s, alone 7-8 s."""
+    items.sort(key=lambda item: item.get_closest_marker("big_memory") is None)
+
+
 # Growth in one test past which this test process collects reference cycles and hands freed heap
 # memory back to the system before the next.
 _COLLECT_AFTER_GROWTH = 256 << 20

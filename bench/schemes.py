@@ -135,7 +135,11 @@ def run_ddp(comm, b: int, steps: int, warmup: int, hook: str = "") -> dict[str, 
     # buckets in flight gloo workers can issue them in different orders (seen here: a reset
     # connection), so it gets one bucket for the whole model.
     cap = {"bucket_cap_mb": 1024} if hook == "powersgd" else {}
-    model = torch.nn.parallel.DistributedDataParallel(build_seeded(lambda: alexnet(1000, dropout=0.0), 0), **cap)
+    # Gradients as views of the buckets (DDP's copy-free setting, as the training app's baseline):
+    # at b = 256 the default's copies and fresh gradient buffers cost ~1 s a step here.
+    model = torch.nn.parallel.DistributedDataParallel(
+        build_seeded(lambda: alexnet(1000, dropout=0.0), 0), gradient_as_bucket_view=True, **cap
+    )
     if hook == "bf16":
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif hook == "powersgd":
@@ -302,6 +306,53 @@ def predict(profile, link, scheme: str, variant: str, K: int, b: int) -> costmod
     )
 
 
+def overlap_steal(link: costmodel.Link, reps: int = 5) -> float:
+    """Processor seconds per byte (sent + received) that an all-reduce takes from compute running
+    beside it, as the overlapped step runs them: a trunk-sized convolution's forward and backward
+    (AlexNet's third conv at b = 16) is timed alone and with an all-reduce of ~0.2 s of link time
+    issued at its start; the difference, past the longer of the two alone, over the bytes moved.
+    It includes what the busy-time count of :func:`calibrate_link` cannot: the transport's threads
+    waking on cores that compute holds, and the workers waiting for each other at the end. Recorded
+    beside the link; the cost model does not use it."""
+    K = dist.get_world_size()
+    conv = torch.nn.Conv2d(192, 384, 3, padding=1)
+    x = torch.randn(16, 192, 13, 13)
+
+    def load(n_reps: int) -> None:
+        for _ in range(n_reps):
+            conv(x).sum().backward()
+
+    def timed(fn) -> float:
+        ts = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    size = torch.tensor([int(0.2 * link.bytes_per_s / 4)])
+    dist.broadcast(size, 0)  # each worker measured its own bandwidth: rank 0's sets the size
+    n = int(size)
+    buf = torch.zeros(n)
+    t_link = timed(lambda: dist.all_reduce(buf))
+    unit = timed(lambda: load(4)) / 4
+    count = torch.tensor([max(1, round(1.5 * t_link / unit))])
+    dist.broadcast(count, 0)  # the same load on every worker
+    count = int(count)
+    t_load = timed(lambda: load(count))
+
+    def both() -> None:
+        work = dist.all_reduce(buf, async_op=True)
+        load(count)
+        work.wait()
+
+    t_both = timed(both)
+    moved = 2 * max(allreduce_bytes(n, K, r, 1) for r in range(K)) * 4
+    return max(0.0, t_both - max(t_load, t_link)) / moved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -327,6 +378,7 @@ def main() -> None:
     comm = DistCommunicator()
     # twohost.sh and --standalone put every worker on this machine.
     link = calibrate_link(comm, args.workers_on_machine or comm.world_size)
+    steal = overlap_steal(link)
     if args.rate:  # bench/twohost.sh's token bucket, as the report's predictions have it
         link = dataclasses.replace(link, burst_bytes=costmodel.tbf_burst(args.rate))
     if args.calibrate_only:
@@ -340,6 +392,7 @@ def main() -> None:
                         "cpu_s_per_byte": link.cpu_s_per_byte,
                         "cpu_s_per_call": link.cpu_s_per_call,
                         "cpu_s_per_bf16_byte": link.cpu_s_per_bf16_byte,
+                        "steal_s_per_byte": steal,
                     }
                 ),
                 flush=True,
@@ -397,7 +450,8 @@ def main() -> None:
             f"medians of {args.steps} steps after {args.warmup} warm-up; link {args.rate or '?'}: alpha "
             f"{link.alpha_s * 1e6:.0f} us, {link.bytes_per_s * 8 / 1e9:.3f} Gbit/s, transport "
             f"{link.cpu_s_per_byte * 1e9:.2f} ns/byte of processor time ({link.cpu_s_per_bf16_byte * 1e9:.2f} in bf16 "
-            f"sums), {link.cpu_s_per_call * 1e6:.0f} us per collective, measured"
+            f"sums), {link.cpu_s_per_call * 1e6:.0f} us per collective, measured; beside compute it took "
+            f"{steal * 1e9:.2f} ns/byte from it"
         )
         print(
             "| scheme | step s (overlap) | predicted s | error | step s (serialised) | predicted s | compute s | "
@@ -431,6 +485,7 @@ def main() -> None:
                 "cpu_s_per_byte": link.cpu_s_per_byte,
                 "cpu_s_per_call": link.cpu_s_per_call,
                 "cpu_s_per_bf16_byte": link.cpu_s_per_bf16_byte,
+                "steal_s_per_byte": steal,
                 "rows": rows,
                 "sync": sync,
                 "profile": json.loads(profile.to_json()),

@@ -248,6 +248,9 @@ def _ddp(cfg: DictConfig, plain: nn.Module, comm: DistCommunicator, device: torc
         plain,
         device_ids=[device] if device.type == "cuda" else None,
         process_group=comm.group,
+        # Gradients as views of DDP's buckets: no copy between them each step and no second
+        # set of gradient buffers (the baseline at its best settings; 244 MB for AlexNet).
+        gradient_as_bucket_view=True,
         **({"bucket_cap_mb": 2**16} if rank else {}),
     )
     if rank:

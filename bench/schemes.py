@@ -312,8 +312,8 @@ def overlap_steal(link: costmodel.Link, reps: int = 5) -> float:
     (AlexNet's third conv at b = 16) is timed alone and with an all-reduce of ~0.2 s of link time
     issued at its start; the difference, past the longer of the two alone, over the bytes moved.
     It includes what the busy-time count of :func:`calibrate_link` cannot: the transport's threads
-    waking on cores that compute holds, and the workers waiting for each other at the end. Recorded
-    beside the link; the cost model does not use it."""
+    waking on cores that compute holds, and the workers waiting for each other at the end. The cost
+    model's per-byte transport cost where measured (``Link.steal_s_per_byte``)."""
     K = dist.get_world_size()
     conv = torch.nn.Conv2d(192, 384, 3, padding=1)
     x = torch.randn(16, 192, 13, 13)
@@ -379,6 +379,7 @@ def main() -> None:
     # twohost.sh and --standalone put every worker on this machine.
     link = calibrate_link(comm, args.workers_on_machine or comm.world_size)
     steal = overlap_steal(link)
+    link = dataclasses.replace(link, steal_s_per_byte=steal)  # the predictions' per-byte transport cost
     if args.rate:  # bench/twohost.sh's token bucket, as the report's predictions have it
         link = dataclasses.replace(link, burst_bytes=costmodel.tbf_burst(args.rate))
     if args.calibrate_only:

@@ -100,6 +100,7 @@ def repredict(records: list[dict]) -> None:
             burst_bytes=costmodel.tbf_burst(rec["rate"]),
             cpu_s_per_call=rec.get("cpu_s_per_call", 0.0),  # 0 where a record predates their measurement
             cpu_s_per_bf16_byte=rec.get("cpu_s_per_bf16_byte", 0.0),
+            steal_s_per_byte=rec.get("steal_s_per_byte", 0.0),  # 0 where a record predates its measurement
         )
         for r in rec["rows"]:
             # A row measured with --profile-each carries the profile taken right before its scheme.
@@ -125,6 +126,7 @@ def tables(records: list[dict]) -> str:
             f"{rec['bytes_per_s'] * 8 / 1e9:.3f} Gbit/s, α {rec['alpha_s'] * 1e6:.0f} µs, "
             f"{rec['cpu_s_per_byte'] * 1e9:.2f} ns/B ({rec.get('cpu_s_per_bf16_byte', 0) * 1e9:.2f} bf16), "
             f"{rec.get('cpu_s_per_call', 0) * 1e6:.0f} µs/call"
+            + (f", {rec['steal_s_per_byte'] * 1e9:.2f} ns/B beside compute" if rec.get("steal_s_per_byte") else "")
         )
         for r in sorted(rec["rows"], key=lambda r: order(r["scheme"])):
             err = None if r["predicted"] is None else r["predicted"] / r["step"] - 1
@@ -231,7 +233,10 @@ def plot(records: list[dict], path: Path) -> None:
         prof = costmodel.Profile.from_json(json.dumps(recs[0]["profile"]))
         alpha = statistics.median(r["alpha_s"] for r in recs)
         cpu = statistics.median(r["cpu_s_per_byte"] for r in recs)
-        call, bf16 = (statistics.median(r.get(k, 0.0) for r in recs) for k in ("cpu_s_per_call", "cpu_s_per_bf16_byte"))
+        call, bf16, steal = (
+            statistics.median(r.get(k, 0.0) for r in recs)
+            for k in ("cpu_s_per_call", "cpu_s_per_bf16_byte", "steal_s_per_byte")
+        )
         eff = statistics.median(r["bytes_per_s"] / costmodel.parse_rate(r["rate"]) for r in recs)
         rates = [10 ** (7.7 + i * 0.05) for i in range(50)]  # 50 Mbit/s .. 15 Gbit/s, in bits
         labels = sorted({row["scheme"] for rec in recs for row in rec["rows"]}, key=order)
@@ -241,7 +246,14 @@ def plot(records: list[dict], path: Path) -> None:
                 model = [
                     predict(
                         prof,
-                        costmodel.Link(alpha, r / 8 * eff, cpu, cpu_s_per_call=call, cpu_s_per_bf16_byte=bf16),
+                        costmodel.Link(
+                            alpha,
+                            r / 8 * eff,
+                            cpu,
+                            cpu_s_per_call=call,
+                            cpu_s_per_bf16_byte=bf16,
+                            steal_s_per_byte=steal,
+                        ),
                         label,
                         recs[0]["K"],
                         b,

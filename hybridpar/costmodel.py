@@ -189,7 +189,15 @@ class Link:
 
     ``cpu_s_per_bf16_byte``: the transport's processor time per byte of a bf16 sum. A sum costs per
     element as well as per byte (gloo adds bf16 element by element at nearly fp32's cost), so half
-    the bytes do not take half the time; 0: as ``cpu_s_per_byte``."""
+    the bytes do not take half the time; 0: as ``cpu_s_per_byte``.
+
+    ``steal_s_per_byte``: what the transport takes from compute running beside it, per byte sent
+    or received — measured directly (compute timed alone and beside a sum, as
+    ``bench/schemes.py`` does), 0 where unmeasured. Where set it is the per-byte cost, and a bf16
+    byte's is scaled by the same ratio. On a CPU host it exceeds the busy time the transport
+    itself is counted for (1.4 against 0.3–0.5 ns/B at 1 Gbit/s on 2 cores): its threads wake on
+    cores that compute holds, and each such delay on one worker holds the other at the next
+    collective."""
 
     alpha_s: float
     bytes_per_s: float
@@ -197,6 +205,7 @@ class Link:
     burst_bytes: float = 0.0
     cpu_s_per_call: float = 0.0
     cpu_s_per_bf16_byte: float = 0.0
+    steal_s_per_byte: float = 0.0
 
     def time(self, steps: int, elements: float, itemsize: int) -> float:
         return steps * self.alpha_s + elements * itemsize / self.bytes_per_s
@@ -205,8 +214,12 @@ class Link:
         """Processor seconds the communication takes from compute: ``sent`` bytes per worker,
         ``bf16_sums`` of them in bf16 sums (every worker receives about what it sends), in
         ``calls`` collectives."""
-        bf16 = self.cpu_s_per_bf16_byte or self.cpu_s_per_byte
-        return 2 * (self.cpu_s_per_byte * (sent - bf16_sums) + bf16 * bf16_sums) + calls * self.cpu_s_per_call
+        fp32 = self.cpu_s_per_byte
+        bf16 = self.cpu_s_per_bf16_byte or fp32
+        if self.steal_s_per_byte:
+            bf16 *= self.steal_s_per_byte / fp32 if fp32 else 1.0
+            fp32 = self.steal_s_per_byte
+        return 2 * (fp32 * (sent - bf16_sums) + bf16 * bf16_sums) + calls * self.cpu_s_per_call
 
 
 def tbf_burst(rate: str) -> int:

@@ -174,6 +174,19 @@ def test_bf16_sums_cost_the_transport_their_own_rate_per_byte():
     assert t.step_s == pytest.approx(t.compute_s + 2 * t.bytes_sent * 1e-6)
 
 
+def test_a_measured_steal_replaces_the_busy_time_per_byte():
+    """``steal_s_per_byte`` (measured beside compute) is the per-byte cost where set, fp32 and bf16
+    sums scaled alike; unset, the busy time's."""
+    prof, K, b = _toy_profile(), 2, 4
+    link = cm.Link(1e-6, 1e12, cpu_s_per_byte=1e-6, cpu_s_per_bf16_byte=3e-6, steal_s_per_byte=4e-6)
+    t = cm.step_time(prof, link, "ddp", K, b)
+    assert t.step_s == pytest.approx(t.compute_s + 2 * t.bytes_sent * 4e-6)
+    t = cm.step_time(prof, link, "ddp", K, b, grad_itemsize=2)
+    assert t.step_s == pytest.approx(t.compute_s + 2 * t.bytes_sent * 12e-6)
+    unset = cm.step_time(prof, cm.Link(1e-6, 1e12, cpu_s_per_byte=1e-6), "ddp", K, b)
+    assert unset.step_s == pytest.approx(unset.compute_s + 2 * unset.bytes_sent * 1e-6)
+
+
 @pytest.mark.parametrize("scheme", ["a", "b", "c"])
 def test_each_collective_costs_its_issuer_the_call_time(scheme):
     """On a free link every collective issued delays the issuing thread by ``cpu_s_per_call``:

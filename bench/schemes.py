@@ -378,8 +378,7 @@ def main() -> None:
     comm = DistCommunicator()
     # twohost.sh and --standalone put every worker on this machine.
     link = calibrate_link(comm, args.workers_on_machine or comm.world_size)
-    steal = overlap_steal(link)
-    link = dataclasses.replace(link, steal_s_per_byte=steal)  # the predictions' per-byte transport cost
+    link = dataclasses.replace(link, steal_s_per_byte=overlap_steal(link))  # the predictions' per-byte cost
     if args.rate:  # bench/twohost.sh's token bucket, as the report's predictions have it
         link = dataclasses.replace(link, burst_bytes=costmodel.tbf_burst(args.rate))
     if args.calibrate_only:
@@ -393,7 +392,7 @@ def main() -> None:
                         "cpu_s_per_byte": link.cpu_s_per_byte,
                         "cpu_s_per_call": link.cpu_s_per_call,
                         "cpu_s_per_bf16_byte": link.cpu_s_per_bf16_byte,
-                        "steal_s_per_byte": steal,
+                        "steal_s_per_byte": link.steal_s_per_byte,
                     }
                 ),
                 flush=True,
@@ -452,7 +451,7 @@ def main() -> None:
             f"{link.alpha_s * 1e6:.0f} us, {link.bytes_per_s * 8 / 1e9:.3f} Gbit/s, transport "
             f"{link.cpu_s_per_byte * 1e9:.2f} ns/byte of processor time ({link.cpu_s_per_bf16_byte * 1e9:.2f} in bf16 "
             f"sums), {link.cpu_s_per_call * 1e6:.0f} us per collective, measured; beside compute it took "
-            f"{steal * 1e9:.2f} ns/byte from it"
+            f"{link.steal_s_per_byte * 1e9:.2f} ns/byte from it"
         )
         print(
             "| scheme | step s (overlap) | predicted s | error | step s (serialised) | predicted s | compute s | "
@@ -486,7 +485,7 @@ def main() -> None:
                 "cpu_s_per_byte": link.cpu_s_per_byte,
                 "cpu_s_per_call": link.cpu_s_per_call,
                 "cpu_s_per_bf16_byte": link.cpu_s_per_bf16_byte,
-                "steal_s_per_byte": steal,
+                "steal_s_per_byte": link.steal_s_per_byte,
                 "rows": rows,
                 "sync": sync,
                 "profile": json.loads(profile.to_json()),

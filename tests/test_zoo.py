@@ -26,6 +26,7 @@ from tests.zoo import REFUSED, ZOO, Run, assert_equal, compare, hybrid, max_erro
 SUPPORTED = [n for n in ZOO if n not in REFUSED]
 NO_BATCHNORM = ["alexnet", "vgg11"]  # float32 meets rtol 1e-5 / atol 1e-6 there (and float64 costs 2× their big heads)
 FP64 = {"rtol": 1e-7, "atol_scaled": 1e-7}
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
 # VGG-11-BN's head is 120M float64 entries: over two steps the hybrid's and the single device's
 # weights, momenta and both steps' gradients come to ~10 GB at once, past what memory gives quickly
 # here (each gigabyte beyond took seconds). One step checks its logits, gradients, update and
@@ -40,8 +41,6 @@ BIG = {"vgg11_bn", "wide_resnet50_2", "vgg11"}
 def _names(names: list[str]) -> list:
     return [pytest.param(n, marks=pytest.mark.big_memory) if n in BIG else n for n in names]
 
-
-FP32 = {"rtol": 1e-5, "atol": 1e-6}
 
 # The float64 single-device runs that later tests compare against again, computed once: the first
 # forward's logits of every model (test_fp32_drift_is_rounding's exact result: the same model on the

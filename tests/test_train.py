@@ -391,3 +391,38 @@ def test_ddp_baseline_with_torchs_compression_hooks(tmp_path, compression):
     n = sum(p.numel() for p in alexnet_small(10, in_channels=1, channels=(32, 64, 96, 64, 64), hidden=512).parameters())
     if "bf16" in compression:
         assert s["comm_bytes_per_step"] == 2 * n  # K = 2: n elements each way, in bf16
+
+
+_DDP_VIEWS = """
+import sys, torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from torchvision.models import alexnet
+from hybridpar.comm import DistCommunicator
+from hybridpar.runtime import end_process_groups
+from hybridpar.trainer import _ddp
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+comm = DistCommunicator()
+for dtype, rank in (("fp32", 0), ("bf16", 0), ("fp32", 2)):
+    cfg = OmegaConf.create({"parallel": {"trunk_comm_dtype": dtype, "trunk_powersgd_rank": rank}})
+    model = _ddp(cfg, alexnet(num_classes=10), comm, torch.device("cpu"))
+    for _ in range(2):  # the second step: the gradients left from the first are kept in place
+        model(torch.randn(2, 3, 64, 64)).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    # Views of DDP's buckets: parameters share a bucket's storage (with copies each has its own).
+    print(dtype, rank, len({g.untyped_storage().data_ptr() for g in grads}), len(grads))
+end_process_groups()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ddp_baseline_gradients_are_views_of_its_buckets():
+    """The DDP baseline runs at its copy-free setting (``gradient_as_bucket_view``) with each of
+    its hooks: the parameters' gradients live in DDP's buckets, not in buffers of their own that
+    every step copies into."""
+    out = subprocess.run([sys.executable, "-c", _DDP_VIEWS], capture_output=True, text=True, timeout=100, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert len(rows) == 3, out.stdout
+    for _, _, storages, grads in rows:
+        assert int(grads) == 16 and int(storages) < int(grads), rows

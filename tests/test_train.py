@@ -394,7 +394,7 @@ def test_ddp_baseline_with_torchs_compression_hooks(tmp_path, compression):
 
 
 _DDP_VIEWS = """
-import sys, torch, torch.distributed as dist
+import torch, torch.distributed as dist
 from omegaconf import OmegaConf
 from torchvision.models import alexnet
 from hybridpar.comm import DistCommunicator

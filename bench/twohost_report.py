@@ -1,17 +1,18 @@
 """Tables and a plot from ``bench/twohost_sweep.sh``'s JSON lines (one line per rate and batch).
 
-    python bench/twohost_report.py bench/out/twohost.jsonl
+    python bench/twohost_report.py bench/out/twohost.jsonl [--section NAME --plot PATH]
 
 Writes the tables between the ``twohost`` markers of docs/benchmarks.md and the plot
 docs/twohost_step_vs_rate.png (measured points; lines: the cost model over link rates, from the
 profile measured in the same runs and the link's measured alpha and payload efficiency).
+``--section`` / ``--plot`` put a sweep from another machine beside that one instead of over it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from docs_section import DOCS, write_section
@@ -288,14 +289,19 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    records = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("jsonl", type=Path, help="bench/twohost_sweep.sh's output")
+    ap.add_argument("--section", default="twohost", help="the docs/benchmarks.md markers to write between")
+    ap.add_argument("--plot", type=Path, default=DOCS / "twohost_step_vs_rate.png")
+    args = ap.parse_args()
+    records = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
     repredict(records)
     ddp_hook_bytes(records)
     records = list({(r["rate"], r["batch"]): r for r in records}.values())  # a rerun replaces its earlier line
     text = tables(records)
     print(text)
-    plot(records, DOCS / "twohost_step_vs_rate.png")
-    write_section("twohost", text, "bench/twohost_report.py")
+    plot(records, args.plot)
+    write_section(args.section, text, "bench/twohost_report.py")
 
 
 if __name__ == "__main__":

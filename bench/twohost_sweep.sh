@@ -10,7 +10,8 @@
 # in docs/ (bench/twohost_report.py). SCHEMES=... VARIANTS=... narrow it.
 #   PYTHON=.venv/bin/python bench/twohost_sweep.sh [OUT.jsonl]
 # RATES="100mbit" BATCHES="256" re-measures a subset: its lines are appended to OUT.jsonl and
-# replace the earlier ones of the same rate and batch in the report.
+# replace the earlier ones of the same rate and batch in the report. On a processor ~3x slower
+# (AlexNet's b = 16 step ~2 s), BATCHES="16 64" keeps the larger batch's step under ~10 s (~2.5 h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/out/twohost.jsonl}"

@@ -11,7 +11,9 @@ sync as one all-reduce vs reduce-scatter + all-gather. Medians over the timed st
 
 Before the runs it measures the link (alpha: median of 1-float all-reduces; bandwidth: a large
 all-reduce) and every worker's per-layer compute profile (both workers at once, as in the runs),
-and prints the cost model's prediction next to each measured step (:mod:`hybridpar.costmodel`).
+and prints the cost model's prediction next to each measured step (:mod:`hybridpar.costmodel`), and
+the same with its compute anchored to the scheme's serialised run (:func:`anchored`); a speed probe
+around each run records whether the processor moved since the profile (:class:`SpeedProbe`).
 ``--json PATH`` appends one JSON line with everything (for ``bench/twohost_sweep.sh``).
 """
 
@@ -263,27 +265,81 @@ def trunk_sync_times(comm, n: int, reps: int = 7) -> dict[str, float]:
     return out
 
 
-def _row(comm, args, scheme: str, variant: str, serial: dict, profile, link) -> dict:
+class SpeedProbe:
+    """Did the processor's speed move between the profile and a run? The median time of a fixed
+    piece of the step's own work (AlexNet's trunk, forward and backward, on b/8 images), timed on
+    every worker at once, right after each profile and right before and after each run — outside
+    its timed steps (a probe between steps would run while the pipelined sums are still in
+    flight). A run's ``drift``: the mean of its two probes over the one beside the profile.
+
+    A diagnostic, recorded with each row and not fed to the predictions: on this kind of shared
+    machine the same trunk step moves by ±20% back to back, and a probe of ~0.3 s follows that
+    noise more than the minutes-long drift it is meant to see (docs/benchmarks.md)."""
+
+    def __init__(self, batch: int, reps: int = 3):
+        self.net = build_seeded(lambda: alexnet(1000, dropout=0.0), 0).features
+        self.x = torch.randn(max(2, batch // 8), 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        self.reps = reps
+        self.base = 0.0
+
+    def time(self) -> float:
+        dist.barrier()  # every worker at once
+        ts = []
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            self.net.zero_grad(set_to_none=True)
+            self.net(self.x).sum().backward()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    def rebase(self) -> None:
+        """Right after a profile: the time the drift of later runs is measured against."""
+        self.time()  # warm-up: first-call allocations
+        self.base = self.time()
+
+    def around(self, fn, *args) -> dict:
+        """``fn(*args)``'s result with its ``drift``: the probe's mean time before and after it over its base."""
+        before = self.time()
+        out = fn(*args)
+        out["drift"] = (before + self.time()) / 2 / self.base
+        return out
+
+
+def _row(comm, args, scheme: str, variant: str, serial: dict, profile, link, probe: SpeedProbe) -> dict:
     """One table row: ``scheme`` overlapped with ``variant`` (:func:`variant_options`), next to its
-    serialised run."""
-    overlapped = run(comm, scheme, True, args.batch, args.steps, args.warmup, variant)
+    serialised run; predicted from the profile, and with the compute anchored to that serialised
+    run (:func:`anchored`)."""
+    overlapped = probe.around(run, comm, scheme, True, args.batch, args.steps, args.warmup, variant)
     pred = predict(profile, link, scheme, variant, comm.world_size, args.batch)
+    compute = serial["step"] - serial["comm"]
     return {
         "scheme": scheme if variant == "bucketed" else f"{scheme}/{variant}",
         "step": overlapped["step"],
         "serial": serial["step"],
-        "compute": serial["step"] - serial["comm"],
+        "compute": compute,
         "comm": serial["comm"],
         "exposed": overlapped["comm"],
         "bytes": overlapped["bytes"],
         "wire": overlapped["wire"],
         "hidden": (serial["step"] - overlapped["step"]) / serial["comm"] if serial["comm"] > 0 else 0.0,
         "predicted": pred.step_s,
+        "predicted_anchored": anchored(profile, link, scheme, variant, comm.world_size, args.batch, compute),
         "predicted_compute": pred.compute_s,
         "predicted_serial": costmodel.step_time(
             profile, link, scheme, comm.world_size, args.batch, overlap=False
         ).step_s,
+        "drift": overlapped["drift"],
+        "serial_drift": serial["drift"],
     }
+
+
+def anchored(profile, link, scheme: str, variant: str, K: int, b: int, compute: float) -> float:
+    """The cost model's overlapped step with the profile scaled so that the model's compute of the
+    scheme's serialised step equals ``compute``, the one measured minutes apart from the profile in
+    the same invocation: what is left of the error is the model's overlap, not the profile's
+    speed."""
+    own = costmodel.step_time(profile, link, scheme, K, b, overlap=False).compute_s
+    return predict(profile.scaled(own / compute), link, scheme, variant, K, b).step_s
 
 
 def predict(profile, link, scheme: str, variant: str, K: int, b: int) -> costmodel.StepTime:
@@ -412,19 +468,25 @@ def main() -> None:
             trunk_rows=[args.batch // 2, args.batch // 4, args.batch // 8],  # the chunks: rounds, micro-batches
         )
 
+    probe = SpeedProbe(args.batch)
     profile = measure()  # the record's: the one taken before the first scheme
+    probe.rebase()
     rows = []
     for i, scheme in enumerate(args.schemes.split(",")):
         # --profile-each: measured again right before each scheme's runs, so that a prediction rests on
         # the machine's speed of the same minute (it drifts by up to ~10% within one invocation here).
-        now = measure() if args.profile_each and i > 0 else profile
+        if args.profile_each and i > 0:
+            now = measure()
+            probe.rebase()
+        else:
+            now = profile
         start = len(rows)
         if scheme.startswith("ddp"):
             hook = scheme.partition("/")[2]
+            d = probe.around(run_ddp, comm, args.batch, max(2, args.steps // 2), max(2, args.warmup // 2), hook)
             pred = costmodel.step_time(
                 now, link, "ddp", comm.world_size, args.batch, grad_itemsize=2 if hook == "bf16" else 4
             )
-            d = run_ddp(comm, args.batch, max(2, args.steps // 2), max(2, args.warmup // 2), hook)
             rows.append(
                 {
                     "scheme": scheme,
@@ -433,13 +495,14 @@ def main() -> None:
                     "wire": d["wire"],
                     "predicted": None if hook == "powersgd" else pred.step_s,  # not modelled
                     "predicted_compute": pred.compute_s,
+                    "drift": d["drift"],
                 }
             )
         else:
-            serial = run(comm, scheme, False, args.batch, args.steps, args.warmup)
+            serial = probe.around(run, comm, scheme, False, args.batch, args.steps, args.warmup)
             for variant in args.trunk_sync.split(","):
                 if variant_options(scheme, variant) is not None:
-                    rows.append(_row(comm, args, scheme, variant, serial, now, link))
+                    rows.append(_row(comm, args, scheme, variant, serial, now, link, probe))
         if args.profile_each:
             for r in rows[start:]:
                 r["profile"] = json.loads(now.to_json())
@@ -454,16 +517,18 @@ def main() -> None:
             f"{link.steal_s_per_byte * 1e9:.2f} ns/byte from it"
         )
         print(
-            "| scheme | step s (overlap) | predicted s | error | step s (serialised) | predicted s | compute s | "
-            "communication s | exposed comm s (overlap) | hidden | MB sent/worker (ledger) | MB on the link/step (tx+rx) |"
+            "| scheme | step s (overlap) | drift | predicted s | error | error, compute anchored | step s (serialised) | "
+            "predicted s | compute s | communication s | exposed comm s (overlap) | hidden | MB sent/worker (ledger) | "
+            "MB on the link/step (tx+rx) |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         f = lambda v, fmt: "–" if v is None else format(v, fmt)
         for r in rows:
             g = r.get
             print(
-                f"| {r['scheme']} | {r['step']:.3f} | {f(r['predicted'], '.3f')} | "
+                f"| {r['scheme']} | {r['step']:.3f} | {r['drift']:.3f} | {f(r['predicted'], '.3f')} | "
                 f"{f(None if r['predicted'] is None else r['predicted'] / r['step'] - 1, '+.1%')} | "
+                f"{f(None if g('predicted_anchored') is None else r['predicted_anchored'] / r['step'] - 1, '+.1%')} | "
                 f"{f(g('serial'), '.3f')} | {f(g('predicted_serial'), '.3f')} | {f(g('compute'), '.3f')} | "
                 f"{f(g('comm'), '.3f')} | {f(g('exposed'), '.3f')} | {f(g('hidden'), '.0%')} | {r['bytes'] / 1e6:.2f} | "
                 f"{f(None if r['wire'] is None else r['wire'] / 1e6, '.2f')} |"

@@ -11,7 +11,10 @@
 #   PYTHON=.venv/bin/python bench/twohost_sweep.sh [OUT.jsonl]
 # RATES="100mbit" BATCHES="256" re-measures a subset: its lines are appended to OUT.jsonl and
 # replace the earlier ones of the same rate and batch in the report. On a processor ~3x slower
-# (AlexNet's b = 16 step ~2 s), BATCHES="16 64" keeps the larger batch's step under ~10 s (~2.5 h).
+# (AlexNet's b = 16 step ~2 s), BATCHES="16 64" keeps the larger batch's step under ~10 s (~2.5 h);
+# REPORT_ARGS="--section twohost-avx2 --plot docs/twohost_avx2_step_vs_rate.png" then writes the report
+# beside the main table (its default: the main twohost section and plot, which a slower machine's
+# figures would replace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/out/twohost.jsonl}"
@@ -29,4 +32,5 @@ for rate in ${RATES:-100mbit 1gbit 10gbit}; do
       --rate "$rate" --profile-each --json "$out" 2>&1 | grep -v -e '^\[W' -e Warning
   done
 done
-"${PYTHON:-python}" bench/twohost_report.py "$out"
+read -r -a report_args <<<"${REPORT_ARGS:-}"
+"${PYTHON:-python}" bench/twohost_report.py "$out" "${report_args[@]}"

@@ -6,6 +6,8 @@ Writes the tables between the ``twohost`` markers of docs/benchmarks.md and the 
 docs/twohost_step_vs_rate.png (measured points; lines: the cost model over link rates, from the
 profile measured in the same runs and the link's measured alpha and payload efficiency).
 ``--section`` / ``--plot`` put a sweep from another machine beside that one instead of over it.
+``--aggregate`` (``PASSES=N bench/twohost_sweep.sh``): the lines of one rate and batch are passes of
+the same sweep, and each configuration's figures are its medians over them.
 """
 
 from __future__ import annotations
@@ -118,6 +120,59 @@ def repredict(records: list[dict]) -> None:
             )
 
 
+LINK_FIELDS = (
+    "alpha_s",
+    "bytes_per_s",
+    "cpu_s_per_byte",
+    "cpu_s_per_call",
+    "cpu_s_per_bf16_byte",
+    "steal_s_per_byte",
+)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One record per rate and batch from several passes of the sweep (after :func:`repredict`, so
+    that each pass is predicted from its own profile and link): every numeric figure of a
+    configuration — measured step, predictions, compute, drift, bytes — is its median over the
+    passes, and the link's figures their medians. A row also keeps ``spread``, how far its measured
+    step moved between passes ((largest − smallest) / median), and ``pass_errors``, each pass's
+    error from the profile alone — what one pass would have reported."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault((rec["rate"], rec["batch"]), []).append(rec)
+    out = []
+    for recs in groups.values():
+        if len(recs) == 1:
+            out.append(recs[0])
+            continue
+        merged = dict(recs[-1])  # the rest (K, profile for the plot's lines): the last pass's
+        merged["passes"] = len(recs)
+        for k in LINK_FIELDS:
+            vals = [rec[k] for rec in recs if _number(rec.get(k))]
+            if vals:
+                merged[k] = statistics.median(vals)
+        labels = list(dict.fromkeys(r["scheme"] for rec in recs for r in rec["rows"]))
+        merged["rows"] = []
+        for label in labels:
+            runs = [r for rec in recs for r in rec["rows"] if r["scheme"] == label]
+            row: dict = {"scheme": label, "passes": len(runs)}
+            for key in dict.fromkeys(k for r in runs for k in r):
+                if key in ("scheme", "profile"):
+                    continue
+                vals = [r[key] for r in runs if _number(r.get(key))]
+                row[key] = statistics.median(vals) if vals else runs[0].get(key)
+            steps = [r["step"] for r in runs]
+            row["spread"] = (max(steps) - min(steps)) / statistics.median(steps) if len(runs) > 1 else None
+            row["pass_errors"] = [r["predicted"] / r["step"] - 1 for r in runs if r.get("predicted") is not None]
+            merged["rows"].append(row)
+        out.append(merged)
+    return out
+
+
 def _fmt(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
@@ -127,13 +182,17 @@ def tables(records: list[dict]) -> str:
     records = sorted(records, key=lambda r: (r["batch"], costmodel.parse_rate(r["rate"])))
     # Runs timed with the speed probe (bench/schemes.py's SpeedProbe) show its drift.
     drifted = any("drift" in r for rec in records for r in rec["rows"])
+    # Several passes (aggregate): the medians, and how far each step moved between the passes.
+    passes = max((rec.get("passes", 1) for rec in records), default=1)
     out.append(
         "| b | link | measured link | scheme / trunk sums | step s | predicted s | error | error, compute anchored |"
         + " probe drift |" * drifted
+        + " step spread over passes |" * (passes > 1)
         + " speed vs DDP | MB sent/worker (ledger) | link bytes / ledger |"
     )
-    out.append("|---|---|---|---|---|---|---|---|" + "---|" * drifted + "---|---|---|")
-    errors, hybrid_errors, anchored_errors = [], [], []
+    out.append("|---|---|---|---|---|---|---|---|" + "---|" * (drifted + (passes > 1)) + "---|---|---|")
+    errors, hybrid_errors, anchored_errors, spreads = [], [], [], []
+    pass_errors: dict[int, list[float]] = {}
     for rec in records:
         ddp = next((r for r in rec["rows"] if r["scheme"] == "ddp"), None)
         link = (
@@ -152,6 +211,12 @@ def tables(records: list[dict]) -> str:
             if err is not None:  # DDP, with no serialised run to anchor to, counts as predicted
                 anchored_errors.append(abs(anch if anch is not None else err))
             more = f" {_fmt(anch, '+.1%')} |" + (f" {_fmt(r.get('drift'), '.3f')} |" if drifted else "")
+            if passes > 1:
+                more += f" {_fmt(r.get('spread'), '.1%')} |"
+                if r.get("spread") is not None:
+                    spreads.append(r["spread"])
+                for i, e in enumerate(r.get("pass_errors", [])):
+                    pass_errors.setdefault(i, []).append(abs(e))
             vs = f"{ddp['step'] / r['step']:.2f}×" if ddp else "–"
             # tx + rx on node 0's interface per step vs what both directions carry by the ledger.
             wire = f"{r['wire'] / (2 * r['bytes']):.3f}" if r.get("wire") and r.get("bytes") else "–"
@@ -168,6 +233,14 @@ def tables(records: list[dict]) -> str:
         f"serialised run (DDP's rows as predicted): median {statistics.median(anchored_errors or [0]):.1%}, largest {max(anchored_errors or [0]):.1%}, "
         f"{within(anchored_errors)} of {len(anchored_errors)} within 15%."
     )
+    if passes > 1:
+        out[-1] += (
+            f" These are medians over {passes} passes; a configuration's measured step moved between passes by "
+            f"median {statistics.median(spreads or [0]):.1%}, largest {max(spreads or [0]):.1%}; one pass alone "
+            "would have had "
+            + ", ".join(f"{within(v)} of {len(v)}" for v in pass_errors.values())
+            + " within 15% from the profile."
+        )
     out += ["", *targets(records)]
     return "\n".join(out)
 
@@ -318,11 +391,20 @@ def main() -> None:
     ap.add_argument("jsonl", type=Path, help="bench/twohost_sweep.sh's output")
     ap.add_argument("--section", default="twohost", help="the docs/benchmarks.md markers to write between")
     ap.add_argument("--plot", type=Path, default=DOCS / "twohost_step_vs_rate.png")
+    ap.add_argument(
+        "--aggregate",
+        action="store_true",
+        help="the lines of one rate and batch are passes of one sweep (PASSES=N): medians over them "
+        "(default: a later line replaces an earlier one)",
+    )
     args = ap.parse_args()
     records = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
     repredict(records)
     ddp_hook_bytes(records)
-    records = list({(r["rate"], r["batch"]): r for r in records}.values())  # a rerun replaces its earlier line
+    if args.aggregate:
+        records = aggregate(records)
+    else:
+        records = list({(r["rate"], r["batch"]): r for r in records}.values())  # a rerun replaces its earlier line
     text = tables(records)
     print(text)
     plot(records, args.plot)

@@ -95,3 +95,58 @@ def test_old_records_have_no_drift_column():
 
 def test_within_counts_the_bound_inclusive():
     assert twohost_report.within([0.0, 0.149, 0.15, 0.151, 0.3]) == 3
+
+
+def passes(steps: list[float], speeds: list[float], rate: str = "10gbit") -> list[dict]:
+    """One configuration measured in several passes of the sweep, each pass with its own profile
+    (a processor ``speed`` times as fast) and its own measured link."""
+    recs = []
+    for i, (step, speed) in enumerate(zip(steps, speeds)):
+        prof = costmodel.Profile.from_json(json.dumps(PROFILE)).scaled(speed)
+        rows = [
+            {
+                "scheme": "a/pipelined",
+                "step": step,
+                "drift": 1.0 + i,
+                "bytes": 11_650_000,
+                "compute": 0.9 * step,
+                "profile": json.loads(prof.to_json()),
+            },
+            {"scheme": "ddp/powersgd", "step": 4.0 + i, "bytes": 640_000, "wire": None},
+        ]
+        rec = record(rows, rate)
+        rec["bytes_per_s"] = 7e8 * (1 + 0.1 * i)
+        recs.append(rec)
+    return recs
+
+
+def test_passes_aggregate_to_medians_each_predicted_from_its_own_profile():
+    recs = passes([1.0, 1.6, 1.1], [1.0, 0.5, 2.0]) + passes([3.0], [1.0], rate="100mbit")
+    twohost_report.repredict(recs)
+    own = [r["rows"][0]["predicted"] for r in recs[:3]]
+    assert len(set(own)) == 3  # each pass predicted from its own profile
+    merged = twohost_report.aggregate(recs)
+    assert [(m["rate"], m.get("passes")) for m in merged] == [("10gbit", 3), ("100mbit", None)]
+    row, psgd = merged[0]["rows"]
+    assert row["step"] == 1.1  # the median, not the mean (1.233)
+    assert row["predicted"] == sorted(own)[1]
+    assert row["drift"] == 2.0 and row["passes"] == 3
+    assert row["spread"] == pytest.approx((1.6 - 1.0) / 1.1)
+    assert row["pass_errors"] == pytest.approx([p / s - 1 for p, s in zip(own, [1.0, 1.6, 1.1])])
+    assert merged[0]["bytes_per_s"] == pytest.approx(7e8 * 1.1)  # the link's median
+    assert psgd["predicted"] is None and psgd["wire"] is None and psgd["step"] == 5.0 and psgd["pass_errors"] == []
+    assert merged[1]["rows"][0]["step"] == 3.0  # another rate's single line passes through
+
+
+def test_the_aggregated_table_shows_the_spread_and_what_one_pass_would_have_said():
+    recs = passes([1.0, 1.6, 1.1], [1.0, 0.5, 2.0])
+    twohost_report.repredict(recs)
+    [merged] = twohost_report.aggregate(recs)
+    text = twohost_report.tables([merged])
+    header, line = text.splitlines()[0], next(x for x in text.splitlines() if "| a/pipelined |" in x)
+    assert "step spread over passes" in header
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[9] == f"{(1.6 - 1.0) / 1.1:.1%}"
+    one = [int(abs(e) <= 0.15) for e in merged["rows"][0]["pass_errors"]]
+    assert "one pass alone would have had " + ", ".join(f"{n} of 1" for n in one) + " within 15%" in text
+    assert "medians over 3 passes" in text

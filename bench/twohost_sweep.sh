@@ -17,7 +17,8 @@
 # figures would replace). PASSES=N runs the whole sweep N times over (every rate and batch, then
 # again), and the report takes each configuration's medians over the passes and shows how far its
 # step moved between them (--aggregate): on a shared machine whose speed drifts by tens of percent
-# within an hour, one pass cannot tell a model's miss from the machine's.
+# within an hour, one pass cannot tell a model's miss from the machine's. Three passes, not two:
+# the median of three outvotes one disturbed run, the median of two is their mean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench/out/twohost.jsonl}"

@@ -11,6 +11,8 @@ bf16 autocast; and against the torch-only single-device loop (tests/zoo.py) in f
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hybridpar import hybridize
 from hybridpar.comm import run_emulated
+from hybridpar.errors import ShardingError
 from hybridpar.parallel import assemble
 from tests import zoo
 from tests.helpers import results, run_gloo
@@ -138,3 +141,55 @@ def test_the_first_sums_leave_before_the_deepest_convs_input_gradient(trunk_sync
             assert first_input_grad >= 1, seen
         else:
             assert seen[0][0] == (True, True, True) and first_input_grad == 0, seen
+
+
+class _TiedConvs(nn.Module):
+    """One conv run twice in the trunk's forward (tied weights), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(torch.relu(self.conv(x))), 1))
+
+
+@pytest.mark.timeout(60)
+def test_a_conv_run_twice_is_refused_in_one_line():
+    """Its weight's gradient is whole only after both backwards: made first after the first, its
+    sums would leave without the second's part (unguarded, the weights drift ~1e-2 from the single
+    device's in three steps). Refused in the first forward, on every worker; ``weight_first=False``
+    trains it, as the torch-only single-device loop does."""
+    torch.manual_seed(0)
+    model = _TiedConvs()  # built once: emulated workers share the process's random generator
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 4, 4, generator=g), torch.tensor([0, 1, 2, 3])) for _ in range(3)]
+
+    def worker(comm, weight_first):
+        hybrid = hybridize(model, comm, trunk_sync="pipelined", weight_first=weight_first)
+        opt = torch.optim.SGD(hybrid.parameters(), lr=0.1, momentum=0.9)
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            try:
+                hybrid.train_step(
+                    x[2 * comm.rank : 2 * comm.rank + 2], y[2 * comm.rank : 2 * comm.rank + 2], optimizer=opt
+                )
+            except ShardingError as exc:
+                return str(exc)
+            opt.step()
+        hybrid.flush()
+        return hybrid.conv.weight.detach().clone()
+
+    errors = run_emulated(2, worker, True)
+    # The first line (what the training app prints; the trunk's graph interpreter appends the node below it).
+    assert all(isinstance(e, str) and e.splitlines()[0].startswith("conv runs twice in one forward") for e in errors)
+
+    one = copy.deepcopy(model)
+    opt = torch.optim.SGD(one.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(one(x), y).backward()
+        opt.step()
+    for got in run_emulated(2, worker, False):
+        torch.testing.assert_close(got, one.conv.weight.detach(), rtol=1e-6, atol=1e-6)

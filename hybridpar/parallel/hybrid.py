@@ -176,18 +176,18 @@ class HybridModel(nn.Module):
         self._hook_owners([o for o, _ in named])
         self._trunk.before = functools.partial(_before_attribute, weakref.ref(self.trunk_sync), weakref.ref(self))
         deepest = self._deepest_trunk_layer() if weight_first else None
-        if deepest is not None:
-            weight_grads_first(deepest, self.trunk_sync)  # the first partitions leave before its input gradient
+        if deepest is not None:  # the first partitions leave before its input gradient
+            weight_grads_first(deepest[1], self.trunk_sync, deepest[0])
 
-    def _deepest_trunk_layer(self) -> nn.Module | None:
-        """The last module holding trunk parameters that the trunk's graph runs: its gradients are
-        the backward's first."""
+    def _deepest_trunk_layer(self) -> tuple[str, nn.Module] | None:
+        """``(name, module)`` of the last module holding trunk parameters that the trunk's graph
+        runs: its gradients are the backward's first."""
         last = None
         for name in self._trunk.owners():
             if _is_module(self, name):
-                for _, m in self.get_submodule(name).named_modules(prefix=name):
+                for sub, m in self.get_submodule(name).named_modules(prefix=name):
                     if any(True for _ in m.parameters(recurse=False)):
-                        last = m
+                        last = (sub, m)
         return last
 
     def _check_chunkable(self) -> None:

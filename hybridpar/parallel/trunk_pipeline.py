@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from hybridpar.comm.base import Agreement, Communicator, Handle
-from hybridpar.errors import ConfigError
+from hybridpar.errors import ConfigError, ShardingError
 
 # Partitions of 2^17 elements (512 KB of fp32): a partition in flight is what the next forward's
 # first layer may have to wait behind, so they are small; large enough that the per-message
@@ -161,6 +161,7 @@ class PipelinedTrunkSync:
         self._optimizer: torch.optim.Optimizer | None = None
         self._hook = None
         self._applying = False
+        self._convs_run: set[int] = set()  # the weight-first convs this forward has run
         me = weakref.ref(self)  # hooks hold this object weakly (see TrunkSync)
         for i, p in enumerate(self.params):
             p.register_post_accumulate_grad_hook(functools.partial(_on_grad_ready, me, i))
@@ -205,6 +206,17 @@ class PipelinedTrunkSync:
         for j in self._parts_of[i]:
             self._ready[j] += 1
         self._issue_ready()
+
+    def conv_runs(self, conv: nn.Module, name: str) -> None:
+        """A weight-first conv runs in this forward. Twice would be wrong, silently: its first
+        backward would count the weight ready and its sums could leave without the other use's
+        gradient; so a graph that calls one conv twice (tied weights) is refused."""
+        if id(conv) in self._convs_run:
+            raise ShardingError(
+                f"{name} runs twice in one forward of the trunk: its weight's gradient is complete only after both "
+                "backwards, so it cannot make it first; build the model with weight_first=False"
+            )
+        self._convs_run.add(id(conv))
 
     def _issue_ready(self) -> None:
         while self._next < self.cap:
@@ -258,6 +270,7 @@ class PipelinedTrunkSync:
     def before_forward(self) -> None:
         """A new forward: a step whose update never came (the trainer skipped it: a non-finite
         loss) is dropped, its sums collected in order so the collectives stay matched."""
+        self._convs_run.clear()
         if self._pending and self._hparams is None:
             for j, h in enumerate(self._handles):
                 if h is not None:
@@ -321,7 +334,7 @@ class PipelinedTrunkSync:
                 p.grad = None
 
 
-def weight_grads_first(conv: nn.Module, sync: PipelinedTrunkSync) -> bool:
+def weight_grads_first(conv: nn.Module, sync: PipelinedTrunkSync, name: str = "a conv") -> bool:
     """Make the backward of ``conv`` (the trunk's deepest layer with parameters) produce its weight's
     and bias's gradients first and hand them to ``sync`` at once, its input's gradient after: the
     first partitions of the step's sums leave while the processor makes the input gradient, instead
@@ -334,14 +347,15 @@ def weight_grads_first(conv: nn.Module, sync: PipelinedTrunkSync) -> bool:
     or under ``torch.compile``'s tracing, runs the module's own forward."""
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
-    conv.forward = functools.partial(_weight_first_forward, conv, weakref.ref(sync), conv.forward)
+    conv.forward = functools.partial(_weight_first_forward, conv, name, weakref.ref(sync), conv.forward)
     return True
 
 
-def _weight_first_forward(conv: nn.Conv2d, sync: weakref.ref, plain, x: torch.Tensor) -> torch.Tensor:
+def _weight_first_forward(conv: nn.Conv2d, name: str, sync: weakref.ref, plain, x: torch.Tensor) -> torch.Tensor:
     target = sync()
     if target is None or not torch.is_grad_enabled() or not conv.weight.requires_grad or torch.compiler.is_compiling():
         return plain(x)
+    target.conv_runs(conv, name)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if dtype is not None and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from importlib.resources import files
 from pathlib import Path
 
@@ -65,8 +66,6 @@ def _summary_text(s: dict) -> str:
 def main(cfg: DictConfig) -> float | None:
     """One run; returns its held-out top-1 on worker 0 (None elsewhere): the objective a Hydra sweeper
     such as Optuna's maximises."""
-    import time
-
     from hybridpar.trainer import train, validate
 
     t0 = time.perf_counter()
@@ -95,9 +94,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(EXIT_PREEMPTED)
     except HybridparError as exc:
         # One line, from rank 0 only, and a non-zero exit: no traceback wall from every rank.
-        if rank0:
-            print(f"hybridpar: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _error_exit(str(exc))
     if rank0 and summary is not None:
         summary["wall_s"] = time.perf_counter() - t0
         summary["run_dir"] = str(run_dir)
@@ -120,11 +117,28 @@ def cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as exc:
-        if runtime.env_rank() == 0:
-            print(f"hybridpar: error: {_one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _error_exit(_one_line(exc))
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+# How long a worker other than 0 waits, after a bad input, for worker 0 to say so and leave.
+WORKER0_GRACE_S = 10.0
+
+
+def _error_exit(message: str) -> None:
+    """Worker 0 prints the one line; exit code 2 on every worker.
+
+    Bad input (a config, a launch, a setup error the workers agreed on) is met by every worker,
+    and only worker 0 speaks. A worker that left at once could leave first: torchrun then stops
+    the others, worker 0 among them, before it has printed, and the user is left without the
+    line. So the others wait: torchrun stops them as soon as worker 0 has left, and a launcher
+    that does not (srun) has them leave, silent, after ``WORKER0_GRACE_S``."""
+    if runtime.env_rank() == 0:
+        print(f"hybridpar: error: {message}", file=sys.stderr, flush=True)
+    elif runtime.under_torchrun():
+        time.sleep(WORKER0_GRACE_S)
+    sys.exit(2)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -243,6 +243,28 @@ def test_bad_input_under_torchrun_one_line_from_rank0(tmp_path, overrides, messa
     assert "]: Traceback" not in proc.stderr  # no worker tracebacks
 
 
+@pytest.mark.timeout(180)
+def test_bad_input_met_first_by_another_worker_is_still_one_line_from_rank0(tmp_path):
+    """Worker 1 meets the bad input seconds before worker 0 (a slower start, a busier host): torchrun
+    must not stop worker 0 before it has printed the line."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    # Imported by every Python process at start-up: worker 0, and only it, starts 4 s late.
+    (shim / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '0' and 'LOCAL_RANK' in os.environ:\n    time.sleep(4)\n"
+    )
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+    proc = _run(
+        [*TORCHRUN, *TRAIN, "parallel.emulate=2", "logger=none", f"output_root={tmp_path}/runs"],
+        tmp_path,
+        timeout=150,
+        PYTHONPATH=path,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "hybridpar: error:" in line]
+    assert len(errors) == 1 and "drop parallel.emulate" in errors[0], proc.stderr[-3000:]
+
+
 def test_configs_ship_in_the_wheel(tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(

@@ -23,7 +23,10 @@ from hybridpar.errors import ShardingError
 from tests.helpers import results, run_gloo
 from tests.zoo import REFUSED, ZOO, Run, assert_equal, compare, hybrid, max_error, reference
 
-SUPPORTED = [n for n in ZOO if n not in REFUSED]
+# ResNet-50's bottleneck blocks at twice the width: nothing resnet50 and resnext50_32x4d do not check here,
+# at ~4x their time in the suite. bench/zoo.py still measures it (docs/models.md).
+BENCH_ONLY = {"wide_resnet50_2"}
+SUPPORTED = [n for n in ZOO if n not in REFUSED | BENCH_ONLY]
 NO_BATCHNORM = ["alexnet", "vgg11"]  # float32 meets rtol 1e-5 / atol 1e-6 there (and float64 costs 2× their big heads)
 FP64 = {"rtol": 1e-7, "atol_scaled": 1e-7}
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
@@ -35,7 +38,7 @@ FP32 = {"rtol": 1e-5, "atol": 1e-6}
 ONE_STEP = {"vgg11_bn": 1}
 # The checks that hold several gigabytes at once; conftest runs them first, while the machine's
 # memory is fresh (at the end of the suite the same checks took 2-4x as long as alone).
-BIG = {"vgg11_bn", "wide_resnet50_2", "vgg11"}
+BIG = {"vgg11_bn", "vgg11"}
 
 
 def _names(names: list[str]) -> list:

@@ -287,19 +287,22 @@ def targets(records: list[dict]) -> list[str]:
         for r in records
         if costmodel.parse_rate(r["rate"]) == max(costmodel.parse_rate(x["rate"]) for x in records)
     }
-    out += [
-        "",
-        "| b | bf16 sums (+act16: and bf16 activations), configuration | step s, slowest link | step s, fastest link | ratio |",
-        "|---|---|---|---|---|",
-    ]
+    ratios = []
     for b in sorted(set(slow) & set(fast)) if len({r["rate"] for r in records}) > 1 else []:
         for r in slow[b]["rows"]:
             if "bf16" in r["scheme"] and parse(r["scheme"])[0] != "ddp":
                 f = next((x for x in fast[b]["rows"] if x["scheme"] == r["scheme"]), None)
                 if f:
-                    out.append(
+                    ratios.append(
                         f"| {b} | {r['scheme']} | {r['step']:.3f} | {f['step']:.3f} | {r['step'] / f['step']:.2f} |"
                     )
+    if ratios:  # one rate measured: nothing to compare
+        out += [
+            "",
+            "| b | bf16 sums (+act16: and bf16 activations), configuration | step s, slowest link | step s, fastest link | ratio |",
+            "|---|---|---|---|---|",
+            *ratios,
+        ]
     return out
 
 

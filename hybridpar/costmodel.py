@@ -4,6 +4,9 @@
     python -m hybridpar.costmodel predict --profile profile.json --rate 1gbit --workers 2 --batch 16
     python -m hybridpar.costmodel project --profile profile.json --rate 1gbit --batch 128 --max-workers 64
 
+``predict`` also lists the trunk's options for that link (pipelined sums, micro-batches, chunked
+rounds; ``--lossy``: each with bf16 sums), fastest first, as the overrides that set them.
+
 **Compute** comes from a :class:`Profile`: forward and backward seconds per image of each trunk
 stage (a layer with weights plus the weight-free layers after it), the FLOP rate of the head's
 matrix products, and the optimizer's seconds per parameter — measured on the machine it runs on
@@ -924,18 +927,70 @@ def _load(args) -> tuple[Profile, Link]:
     )
 
 
+# The training app's trunk options for a slow link, as the overrides that set them and the
+# step_time arguments that model them (docs/training.md, "Slow links"). Each is exact; the trunk's
+# sums in bf16 (lossy) are the same options with ``parallel.trunk_comm_dtype=bf16``.
+MICRO_BATCHES = (2, 4, 8)
+
+
+def trunk_options(scheme: str, b: int) -> list[tuple[str, dict]]:
+    """``(overrides, step_time kwargs)`` of the trunk options a hybrid ``scheme`` runs with."""
+    piped = {"trunk_sync": "pipelined"}
+    out = [("", {}), ("parallel.trunk_sync=pipelined", piped)]
+    if scheme == "a":
+        out += [
+            (f"parallel.trunk_sync=pipelined parallel.micro_batches={m}", {**piped, "micro_batches": m})
+            for m in MICRO_BATCHES
+            if m <= b
+        ]
+    else:
+        out.append(("parallel.trunk_sync=pipelined parallel.chunk_trunk=true", {**piped, "chunk_trunk": True}))
+    return out
+
+
+def option_rows(
+    prof: Profile, link: Link, schemes: Sequence[str], K: int, b: int, plan: str = "min_bytes", lossy: bool = False
+) -> list[tuple[str, StepTime, bool]]:
+    """Every hybrid scheme's trunk options (``lossy``: also with bf16 sums), fastest first, as
+    ``(overrides, predicted step, exact)``."""
+    rows = []
+    for s in schemes:
+        if s == "ddp":
+            continue
+        for overrides, kw in trunk_options(s, b):
+            for bf16 in (False, True) if lossy else (False,):
+                t = step_time(prof, link, s, K, b, plan=plan, grad_itemsize=2 if bf16 else GRAD_ITEMSIZE, **kw)
+                words = [f"parallel.scheme={s}", overrides, "parallel.trunk_comm_dtype=bf16" if bf16 else ""]
+                rows.append((" ".join(w for w in words if w), t, not bf16))
+    return sorted(rows, key=lambda r: r[1].step_s)
+
+
 def _cmd_predict(args) -> None:
     prof, link = _load(args)
-    print(
-        f"{prof.device} ({prof.dtype}); link {args.rate} (alpha {args.alpha_us:g} us); K = {args.workers}, b = {args.batch}"
-    )
+    K, b = args.workers, args.batch
+    print(f"{prof.device} ({prof.dtype}); link {args.rate} (alpha {args.alpha_us:g} us); K = {K}, b = {b}")
     print("| scheme | step s | compute s | link busy s | exposed comm s | MB sent/worker |")
     print("|---|---|---|---|---|---|")
+    times = {}
     for s in args.schemes.split(","):
-        t = step_time(prof, link, s, args.workers, args.batch, plan=args.plan)
+        t = times[s] = step_time(prof, link, s, K, b, plan=args.plan)
         print(
             f"| {s} | {t.step_s:.3f} | {t.compute_s:.3f} | {t.comm_s:.3f} | {t.exposed_s:.3f} | {t.bytes_sent / 1e6:.2f} |"
         )
+    rows = option_rows(prof, link, list(times), K, b, args.plan, args.lossy) if K > 1 else []
+    if not rows:
+        return
+    # Against the bound an exact step can reach: the link busy the whole step, or the processor.
+    print()
+    print("| overrides (fastest first) | step s | exact | vs the bound | vs ddp |")
+    print("|---|---|---|---|---|")
+    ddp = times.get("ddp")
+    for overrides, t, exact in rows:
+        bound = max(t.compute_s, t.comm_s)
+        vs_ddp = f"{ddp.step_s / t.step_s:.2f}×" if ddp else "–"
+        print(f"| {overrides} | {t.step_s:.3f} | {'yes' if exact else 'no'} | {t.step_s / bound:.2f}× | {vs_ddp} |")
+    best = next(r for r in rows if r[2])
+    print(f"fastest exact: {best[0]} ({best[1].step_s:.3f} s predicted)")
 
 
 def _cmd_project(args) -> None:
@@ -987,6 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         q.add_argument("--schemes", default=",".join(SCHEMES))
         if name == "predict":
             q.add_argument("--workers", type=int, default=2)
+            q.add_argument("--lossy", action="store_true", help="also the options with the trunk's sums in bf16")
         else:
             q.add_argument("--max-workers", type=int, default=64)
     p.set_defaults(fn=_cmd_profile)

@@ -295,15 +295,52 @@ def test_cli_predict_and_bad_input(tmp_path):
         lambda: costmodel("project", "--profile", str(path), "--rate", "fast"),
     )
     assert out.returncode == 0, out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| scheme")]
+    schemes, options = out.stdout.split("\n\n")
+    rows = [line for line in schemes.splitlines() if line.startswith("| ") and not line.startswith("| scheme")]
     assert [r.split("|")[1].strip() for r in rows] == ["ddp", "a", "b", "c"]
     expected = cm.step_time(_toy_profile(), cm.Link(50e-6, 125e6), "a", 3, 6).step_s
     assert float(rows[1].split("|")[2]) == pytest.approx(expected, abs=1e-3)
+    # Then the trunk options, fastest first, exact only without --lossy, and the fastest named.
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in options.splitlines()[2:] if line.startswith("| ")]
+    steps = [float(c[1]) for c in cells]
+    assert steps == sorted(steps) and {c[2] for c in cells} == {"yes"}
+    assert "parallel.scheme=a parallel.trunk_sync=pipelined parallel.micro_batches=4" in [c[0] for c in cells]
+    assert options.splitlines()[-1] == f"fastest exact: {cells[0][0]} ({cells[0][1]} s predicted)"
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "hybridpar.costmodel: error: cannot read the rate 'fast': use e.g. 100mbit, 1gbit, 10gbit or 6GB"
     ]
     assert json.loads(path.read_text())["device"] == "toy"
+
+
+def test_predicted_trunk_options_are_what_the_app_runs():
+    """Each option row is the step the model predicts for those settings, and its overrides are
+    ones the training app accepts (composed and validated as the command line does)."""
+    from hybridpar.trainer import validate
+    from tests.helpers import compose_train
+
+    prof, link = _toy_profile(), cm.Link(1e-4, 2e6)
+    rows = cm.option_rows(prof, link, cm.SCHEMES, 2, 8, lossy=True)
+    assert [r[1].step_s for r in rows] == sorted(r[1].step_s for r in rows)
+    got = {overrides: (t.step_s, exact) for overrides, t, exact in rows}
+    assert len(got) == len(rows) == 2 * (5 + 3 + 3)  # a: 3 micro-batch counts; b, c: chunked; each in bf16 too
+
+    def predicted(scheme, **kw):
+        return cm.step_time(prof, link, scheme, 2, 8, **kw).step_s
+
+    assert got["parallel.scheme=a"] == (predicted("a"), True)
+    assert got["parallel.scheme=c parallel.trunk_sync=pipelined parallel.chunk_trunk=true"] == (
+        predicted("c", trunk_sync="pipelined", chunk_trunk=True),
+        True,
+    )
+    assert got["parallel.scheme=a parallel.trunk_sync=pipelined parallel.micro_batches=8"][0] == predicted(
+        "a", trunk_sync="pipelined", micro_batches=8
+    )
+    bf16 = got["parallel.scheme=b parallel.trunk_sync=pipelined parallel.trunk_comm_dtype=bf16"]
+    assert bf16 == (predicted("b", trunk_sync="pipelined", grad_itemsize=2), False)
+    assert bf16[0] < got["parallel.scheme=b parallel.trunk_sync=pipelined"][0]  # half the trunk's bytes
+    for overrides in got:
+        validate(compose_train("model=alexnet", "data=synthetic", "data.batch_size=8", *overrides.split()))
 
 
 @pytest.mark.parametrize("K, G", [(4, 1), (4, 2), (4, 4), (8, 2), (6, 3)])

@@ -33,7 +33,7 @@ OLD_STEP = ["trainer.channels_last=false", "model.dropout=0.5"]
 
 def snapshot(rev: str, root: Path) -> Path:
     """The tree of ``rev`` under ``root/rev``, importable as ``hybridpar`` from there."""
-    dest = root / rev
+    dest = root / rev.replace("/", "_")  # a branch such as origin/main
     dest.mkdir()
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)

@@ -339,7 +339,9 @@ def test_predicted_trunk_options_are_what_the_app_runs():
     bf16 = got["parallel.scheme=b parallel.trunk_sync=pipelined parallel.trunk_comm_dtype=bf16"]
     assert bf16 == (predicted("b", trunk_sync="pipelined", grad_itemsize=2), False)
     assert bf16[0] < got["parallel.scheme=b parallel.trunk_sync=pipelined"][0]  # half the trunk's bytes
-    for overrides in got:
+    paper = [r[0] for r in cm.option_rows(prof, link, ["a"], 2, 8, plan="paper")]  # a layout of the user's
+    assert len(paper) == 5 and all(r.endswith(" parallel.plan=paper") for r in paper)
+    for overrides in [*got, *paper]:
         validate(compose_train("model=alexnet", "data=synthetic", "data.batch_size=8", *overrides.split()))
 
 

@@ -960,10 +960,12 @@ def option_rows(
         for overrides, kw in trunk_options(s, b):
             for bf16 in (False, True) if lossy else (False,):
                 t = step_time(prof, link, s, K, b, plan=plan, grad_itemsize=2 if bf16 else GRAD_ITEMSIZE, **kw)
-                words = [f"parallel.scheme={s}", overrides, "parallel.trunk_comm_dtype=bf16" if bf16 else ""]
-                words.append(
-                    f"parallel.plan={plan}" if plan != "min_bytes" else ""
-                )  # the head's layout, if not the default
+                words = [
+                    f"parallel.scheme={s}",
+                    overrides,
+                    "parallel.trunk_comm_dtype=bf16" if bf16 else "",
+                    f"parallel.plan={plan}" if plan != "min_bytes" else "",  # the layout it was predicted with
+                ]
                 rows.append((" ".join(w for w in words if w), t, not bf16))
     return sorted(rows, key=lambda r: r[1].step_s)
 
